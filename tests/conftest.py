@@ -1,0 +1,43 @@
+"""Shared test fixtures: every test starts from an empty Pyro param store, with validation on and seeds set."""
+
+import os
+from pathlib import Path
+
+import pyro
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _pyro_hygiene():
+    pyro.clear_param_store()
+    pyro.enable_validation(True)
+    pyro.set_rng_seed(0)
+    yield
+    pyro.clear_param_store()
+
+
+def _find_data_dir():
+    env = os.environ.get("BLOB_DATA_DIR")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(__file__).resolve().parents[1].parent / "shared" / "data")
+    for c in candidates:
+        if (c / "winogrande" / "train_s.jsonl").is_file():
+            return c
+    return None
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    """The local benchmark folder; tests that need it skip (with the reason) on a fresh clone without it."""
+    d = _find_data_dir()
+    if d is None:
+        pytest.skip("benchmark data not found: set BLOB_DATA_DIR to a folder laid out like ../shared/data")
+    return d
