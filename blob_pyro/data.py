@@ -41,6 +41,7 @@ __all__ = [
     "MMLU_SUBJECTS",
     "TaskSplit",
     "boolq_prompt",
+    "dataset_info",
     "load_split",
     "local_split_path",
     "mc_prompt",
@@ -528,3 +529,9 @@ def load_split(dataset: str, split: str = "train", data_dir: str | os.PathLike |
     if not examples:
         raise DataError(f"{source}: split {split_read!r} of {dataset} is empty (no examples)")
     return TaskSplit(dataset, split_read, tuple(examples), spec.num_classes, spec.option_words, source)
+
+
+def dataset_info(dataset: str) -> tuple[int, tuple[str, ...]]:
+    """``(num_classes, option_words)`` of a named dataset, without reading any file."""
+    spec = _spec_for(dataset)
+    return spec.num_classes, spec.option_words

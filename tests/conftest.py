@@ -1,6 +1,7 @@
 """Shared test fixtures: every test starts from an empty Pyro param store, with validation on and seeds set."""
 
 import os
+import sys
 from pathlib import Path
 
 import pyro
@@ -12,6 +13,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
@@ -41,3 +43,11 @@ def data_dir():
     if d is None:
         pytest.skip("benchmark data not found: set BLOB_DATA_DIR to a folder laid out like ../shared/data")
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A randomly initialised 2-layer Llama saved with the MiniLM tokenizer."""
+    from helpers import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))

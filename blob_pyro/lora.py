@@ -1,0 +1,166 @@
+"""PEFT bridge: inject LoRA with PEFT, and route the Bayesian factor through a ``LoraVariant``.
+
+PEFT owns the adapter (``LoraConfig`` / ``get_peft_model``, ``save_pretrained``); blob_pyro only
+replaces each LoRA layer's forward with :class:`BlobLoraVariant`, PEFT's extension point for a
+custom LoRA forward. The variant reads the factor values bound by the Pyro model for the current
+call (a posterior draw) and applies them with :func:`~blob_pyro.reparam.flipout_linear`::
+
+    net = inject_lora(hf_model, target_modules=["query", "value"], r=8, lora_alpha=16)
+    layers = lora_layers(net)         # {"bert.encoder.layer.0.attention.self.query": LoraLayer, ...}
+
+Outside a model call (no values bound) the variant uses PEFT's own weights, i.e. plain LoRA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from peft.tuners.lora.layer import LoraVariant
+
+from .reparam import flipout_linear
+
+__all__ = [
+    "ADAPTER",
+    "BlobLoraVariant",
+    "LoraSite",
+    "TargetModuleError",
+    "inject_lora",
+    "lora_layers",
+    "bind_values",
+    "linear_module_names",
+]
+
+ADAPTER = "default"
+_PEFT_PREFIX = "base_model.model."
+
+
+class TargetModuleError(ValueError):
+    """The requested LoRA target modules do not exist in the model."""
+
+
+class BlobLoraVariant(LoraVariant):
+    """LoRA forward ``result + scaling * B(A(dropout(x)))`` with A and/or B taken from a bound draw.
+
+    ``values`` maps ``"A"``/``"B"`` to an (r, in) / (out, r) tensor for the duration of one model
+    call; missing factors fall back to the PEFT parameters.
+    """
+
+    def __init__(self):
+        self.values: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def init(module, adapter_name, **kwargs):  # PEFT protocol; nothing to add to the layer
+        return None
+
+    @staticmethod
+    def _delta_weight(module, adapter):
+        return module.get_delta_weight(adapter)
+
+    @staticmethod
+    def merge_safe(module, active_adapter, orig_weight):
+        return orig_weight + BlobLoraVariant._delta_weight(module, active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def merge_unsafe(module, active_adapter, orig_weight):
+        orig_weight.data += BlobLoraVariant._delta_weight(module, active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def unmerge(module, active_adapter, orig_weight):
+        return orig_weight - BlobLoraVariant._delta_weight(module, active_adapter).to(orig_weight.dtype)
+
+    def forward(self, module, active_adapter, x, result, **kwargs):
+        a = self.values.get("A", module.lora_A[active_adapter].weight)
+        b = self.values.get("B", module.lora_B[active_adapter].weight)
+        h = flipout_linear(module.lora_dropout[active_adapter](x), a)
+        return result + flipout_linear(h, b) * module.scaling[active_adapter]
+
+
+@dataclass(frozen=True)
+class LoraSite:
+    """One Bayesian LoRA factor: its Pyro site name, shape and the layer it lives in."""
+
+    name: str  # "<module path>.lora_A" or "<module path>.lora_B"
+    module_path: str
+    factor: str  # "A" or "B"
+    shape: tuple[int, int]
+    layer: LoraLayer
+
+    @property
+    def device(self) -> torch.device:
+        return self.layer.lora_A[ADAPTER].weight.device
+
+    def peft_weight(self) -> torch.nn.Parameter:
+        """The PEFT parameter of this factor (holds PEFT's init, and the posterior mean once saved)."""
+        mods = self.layer.lora_A if self.factor == "A" else self.layer.lora_B
+        return mods[ADAPTER].weight
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """Leaf names of the model's Linear layers (what ``target_modules`` can name)."""
+    names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    return names
+
+
+def inject_lora(
+    model: torch.nn.Module,
+    target_modules: list[str],
+    *,
+    r: int = 8,
+    lora_alpha: float = 16,
+    lora_dropout: float = 0.0,
+    modules_to_save: list[str] | None = None,
+) -> PeftModel:
+    """Freeze ``model`` and wrap it with a PEFT LoRA adapter whose layers use :class:`BlobLoraVariant`."""
+    leaves = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    full = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    missing = [t for t in target_modules if t not in leaves and t not in full]
+    if missing:
+        raise TargetModuleError(
+            f"target modules {missing} are not Linear layers of this model; "
+            f"its Linear layers are: {', '.join(linear_module_names(model))}"
+        )
+    config = LoraConfig(
+        r=r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        target_modules=list(target_modules),
+        modules_to_save=modules_to_save,
+    )
+    net = get_peft_model(model, config)
+    attach_variants(net)
+    return net
+
+
+def attach_variants(net: PeftModel) -> None:
+    """Route every LoRA layer of ``net`` through a fresh :class:`BlobLoraVariant`."""
+    for layer in lora_layers(net).values():
+        layer.lora_variant[ADAPTER] = BlobLoraVariant()
+
+
+def lora_layers(net: torch.nn.Module) -> dict[str, LoraLayer]:
+    """LoRA layers by module path relative to the wrapped Hugging Face model."""
+    out = {}
+    for name, module in net.named_modules():
+        if isinstance(module, LoraLayer) and ADAPTER in getattr(module, "lora_A", {}):
+            out[name[len(_PEFT_PREFIX):] if name.startswith(_PEFT_PREFIX) else name] = module
+    return out
+
+
+@contextlib.contextmanager
+def bind_values(sites: list[LoraSite], values: dict[str, torch.Tensor]):
+    """Bind factor draws to their layers for the duration of one forward pass."""
+    bound = []
+    try:
+        for site in sites:
+            if site.name in values:
+                variant = site.layer.lora_variant[ADAPTER]
+                variant.values[site.factor] = values[site.name]
+                bound.append(variant)
+        yield
+    finally:
+        for variant in bound:
+            variant.values.clear()

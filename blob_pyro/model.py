@@ -1,0 +1,109 @@
+"""The probabilistic program: a frozen Hugging Face network with Bayesian LoRA factors.
+
+For every LoRA layer the Bayesian factor is a Pyro sample site named after the module path and the
+factor (``bert.encoder.layer.3.attention.self.query.lora_B``) with an i.i.d. prior over the whole
+matrix; the other factor and any new classifier head are deterministic parameters; the likelihood
+is a Categorical over the K options inside a data plate of size N::
+
+    model = BlobModel(peft_net, head, bayesian_factor="B", prior=NormalPrior(0.2), num_data=640)
+    guide = make_guide("blob", model)
+    svi = SVI(model, guide, optim, Trace_ELBO())
+    svi.step(batch)                                           # batch = head.collate(examples)
+    Predictive(model, guide=guide, num_samples=10, return_sites=["logits", "obs"])(batch)
+"""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+
+from .lora import LoraSite, bind_values, lora_layers
+from .priors import NormalPrior
+
+__all__ = ["BlobModel", "BAYESIAN_FACTORS"]
+
+BAYESIAN_FACTORS = {"A": ("A",), "B": ("B",), "both": ("A", "B")}
+
+
+class BlobModel(torch.nn.Module):
+    """Pyro model ``model(batch)`` over the LoRA factors of a PEFT-wrapped network.
+
+    :param network: a PEFT model made by :func:`blob_pyro.lora.inject_lora`.
+    :param head: a head from :mod:`blob_pyro.heads` (collate + logits).
+    :param str bayesian_factor: ``"B"`` (default), ``"A"`` (the paper) or ``"both"``.
+    :param prior: ``callable(site) -> Distribution`` (default ``NormalPrior(0.2)``).
+    :param int num_data: N, the size of the training set (plate size).
+    """
+
+    def __init__(self, network, head, *, bayesian_factor: str = "B", prior=None, num_data: int = 1):
+        super().__init__()
+        if bayesian_factor not in BAYESIAN_FACTORS:
+            raise ValueError(f"bayesian_factor must be one of A, B, both; got {bayesian_factor!r}")
+        self.network = network.eval()  # frozen backbone: no dropout; LoRA dropout is switched on where asked
+        self.head = head
+        self.bayesian_factor = bayesian_factor
+        self.prior = prior if prior is not None else NormalPrior(0.2)
+        self.num_data = int(num_data)
+        self.sites: list[LoraSite] = []
+        for path, layer in lora_layers(network).items():
+            for factor in BAYESIAN_FACTORS[bayesian_factor]:
+                mod = layer.lora_A if factor == "A" else layer.lora_B
+                shape = tuple(mod["default"].weight.shape)
+                self.sites.append(LoraSite(f"{path}.lora_{factor}", path, factor, shape, layer))
+        if not self.sites:
+            raise ValueError("the network has no LoRA layers: build it with blob_pyro.lora.inject_lora")
+        # The guide owns the Bayesian factors; PEFT's tensors keep the init (and, once saved, the mean).
+        self._init = {}
+        for site in self.sites:
+            weight = site.peft_weight()
+            weight.requires_grad_(False)
+            self._init[site.name] = weight.detach().clone()
+
+    # ---- the model ---------------------------------------------------------------------------
+    def forward(self, batch: dict) -> torch.Tensor:
+        pyro.module("network", self.network, update_module_params=True)  # deterministic factors, new heads
+        draws = {site.name: pyro.sample(site.name, self.prior(site)) for site in self.sites}
+        with bind_values(self.sites, draws):
+            logits = self.head.logits(self.network, batch)  # (B, K)
+        labels = batch.get("labels")
+        size = max(self.num_data, logits.shape[0])
+        with pyro.plate("data", size=size, subsample=torch.arange(logits.shape[0], device=logits.device)):
+            pyro.deterministic("logits", logits, event_dim=1)
+            return pyro.sample("obs", dist.Categorical(logits=logits), obs=labels)
+
+    # ---- helpers for guides, saving and describe ----------------------------------------------
+    def latent_sites(self) -> list[LoraSite]:
+        return list(self.sites)
+
+    def init_loc_fn(self, site: dict) -> torch.Tensor:
+        """PEFT's initial value of a Bayesian factor (guide means start here)."""
+        return self._init[site["name"]]
+
+    def prior_distributions(self) -> dict[str, dist.Distribution]:
+        return {site.name: self.prior(site) for site in self.sites}
+
+    def example_batch(self) -> dict:
+        """A one-example batch of the right structure (to set up lazy guides without data)."""
+        from .data import Example
+
+        k = self.head.num_classes
+        example = Example(index=0, prompt="Question: ?\nAnswer:", choices=tuple("option" for _ in range(k)),
+                          mc_texts=tuple(("example", "option") for _ in range(k)), label=0)
+        return self.head.collate([example], next(self.network.parameters()).device)
+
+    @torch.no_grad()
+    def write_factors(self, values: dict[str, torch.Tensor]) -> None:
+        """Copy factor values (e.g. the posterior mean) into PEFT's tensors, for a vanilla adapter."""
+        for site in self.sites:
+            if site.name in values:
+                site.peft_weight().copy_(values[site.name])
+
+    def parameter_counts(self, guide=None) -> dict[str, int]:
+        trainable = sum(p.numel() for p in self.network.parameters() if p.requires_grad)
+        bayes = sum(site.peft_weight().numel() for site in self.sites)
+        frozen = sum(p.numel() for p in self.network.parameters() if not p.requires_grad) - bayes
+        counts = {"frozen": frozen, "deterministic": trainable, "bayesian_entries": bayes}
+        if guide is not None:
+            counts["variational"] = sum(p.numel() for p in guide.parameters())
+        return counts

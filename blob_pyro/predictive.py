@@ -1,0 +1,102 @@
+"""Posterior predictive: average the softmax of ``num_samples`` posterior draws (BLoB's rule).
+
+::
+
+    out = predict(model, guide, eval_split, num_samples=10)     # out.probs (N, K), out.labels (N,)
+    out = predict(model, guide, eval_split, num_samples=0)      # posterior-mean weights (the paper's N=0)
+    metrics = compute_metrics(out.probs, out.labels)
+
+Each draw re-runs the guide and replays the model under it, exactly what
+``Predictive(model, guide=guide, num_samples=S, return_sites=["logits"])`` does per batch, but with
+Flipout (fresh signs per example and token) and without storing the LoRA draws. ``sample_batched``
+evaluates the S draws in one forward pass by repeating the batch S times, which Flipout makes valid
+(each copy gets its own signs around one shared Gaussian draw per layer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from pyro import poutine
+
+from .reparam import flipout
+
+__all__ = ["predict", "Prediction", "posterior_logits"]
+
+
+@dataclass
+class Prediction:
+    probs: torch.Tensor  # (N, K) averaged probabilities
+    labels: torch.Tensor  # (N,)
+    logits: torch.Tensor | None = None  # (S, N, K) per-draw logits when keep_draws=True (S=1 for the mean)
+
+
+def _model_logits(model, batch, guide_trace=None, condition=None) -> torch.Tensor:
+    fn = model
+    if guide_trace is not None:
+        fn = poutine.replay(fn, trace=guide_trace)
+    if condition is not None:
+        fn = poutine.condition(fn, data=condition)
+    return poutine.trace(fn).get_trace(batch).nodes["logits"]["value"]
+
+
+def _repeat(batch: dict, times: int) -> dict:
+    return {k: v.repeat_interleave(times, dim=0) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def posterior_logits(model, guide, batch, *, num_samples: int = 10, use_flipout: bool = True,
+                     flipout_per: str = "token", sample_batched: bool = False) -> torch.Tensor:
+    """(S, B, K) logits of S posterior draws for one batch; S=0 gives (1, B, K) at the posterior mean."""
+    if num_samples < 0:
+        raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+    if num_samples == 0:
+        return _model_logits(model, batch, condition=guide.median(batch)).unsqueeze(0)
+    flip = (lambda: flipout(flipout_per)) if use_flipout else contextlib.nullcontext
+    if sample_batched:
+        if not use_flipout:
+            raise ValueError("sample_batched needs Flipout: without it all copies would share one weight draw")
+        size = batch["labels"].shape[0]
+        big = _repeat(batch, num_samples)
+        with flip():
+            logits = _model_logits(model, big, guide_trace=poutine.trace(guide).get_trace(big))
+        return logits.reshape(size, num_samples, -1).transpose(0, 1)
+    draws = []
+    for _ in range(num_samples):
+        with flip():
+            draws.append(_model_logits(model, batch, guide_trace=poutine.trace(guide).get_trace(batch)))
+    return torch.stack(draws)
+
+
+@torch.no_grad()
+def predict(model, guide, data, *, num_samples: int = 10, batch_size: int = 16, use_flipout: bool = True,
+            flipout_per: str = "token", sample_batched: bool = False, keep_draws: bool = False,
+            progress: bool = True, device=None, autocast_dtype: torch.dtype | None = None) -> Prediction:
+    """Predictive probabilities on ``data`` (a TaskSplit or list of examples), batched, under no_grad."""
+    if num_samples < 0:
+        raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+    examples = list(getattr(data, "examples", data))
+    device = device or next(model.network.parameters()).device
+    model.network.eval()
+    for name, module in model.network.named_modules():  # MC dropout stays on at prediction
+        if "lora_dropout" in name and isinstance(module, torch.nn.Dropout) and module.p > 0:
+            module.train()
+    amp = torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    probs, labels, draws = [], [], []
+    starts = range(0, len(examples), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=f"predict (S={num_samples})", dynamic_ncols=True, leave=False)
+    with amp:
+        for start in starts:
+            batch = model.head.collate(examples[start:start + batch_size], device)
+            logits = posterior_logits(model, guide, batch, num_samples=num_samples, use_flipout=use_flipout,
+                                      flipout_per=flipout_per, sample_batched=sample_batched).float()
+            probs.append(torch.softmax(logits, dim=-1).mean(0).cpu())
+            labels.append(batch["labels"].cpu())
+            if keep_draws:
+                draws.append(logits.cpu())
+    return Prediction(torch.cat(probs), torch.cat(labels), torch.cat(draws, dim=1) if keep_draws else None)
