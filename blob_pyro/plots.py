@@ -37,6 +37,8 @@ __all__ = [
     "plot_posterior_std",
     "plot_prior_vs_posterior",
     "plot_metric_comparison",
+    "plot_ppc_statistics",
+    "plot_importance_ratios",
     "save_figure",
 ]
 
@@ -106,10 +108,16 @@ def reliability_diagram(probs, labels, n_bins: int = 15, ax=None, band=None, lab
             raise ValueError(
                 f"band 'lower'/'upper' must each have n_bins={n_bins} values, got {lower.size}/{upper.size}"
             )
-        # step region over the bin edges: repeat the last value so the last bin is covered
+        # step region over the bin edges: bin i spans edges[i]..edges[i+1], so the right edge of every
+        # non-empty bin must be inside the region too, holding that bin's value (isolated bins included)
         ok = np.isfinite(lower) & np.isfinite(upper)
+        where = np.append(ok, False)
+        where[1:] |= ok
+        ends = np.flatnonzero(where[1:] & ~np.append(ok[1:], False)) + 1
+        lo_y, hi_y = np.append(lower, np.nan), np.append(upper, np.nan)
+        lo_y[ends], hi_y[ends] = lower[ends - 1], upper[ends - 1]
         ax.fill_between(
-            edges, np.append(lower, lower[-1]), np.append(upper, upper[-1]), where=np.append(ok, ok[-1]),
+            edges, lo_y, hi_y, where=where,
             step="post", alpha=0.3, color="tab:green", lw=0, label="predictive band", zorder=3,
         )
 
@@ -448,6 +456,80 @@ def plot_metric_comparison(results, metrics=("accuracy", "ece", "nll"), axes=Non
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+# ------------------------------------------------------------------------------------- predictive checks
+def plot_ppc_statistics(result, names=None, axes=None, ncols: int = 3):
+    """Histogram of each test statistic over the replicates, the observed value as a red line.
+
+    Args:
+        result: a :class:`blob_pyro.ppc.PPCResult` (or any object with ``statistics``: ``{name: {"observed",
+            "p_value", ...}}`` and ``replicated``: ``{name: (S,) array}``).
+        names: statistics to show (default: all, in order).
+        axes: optional sequence of Axes, one per statistic.
+        ncols: columns of the new grid.
+
+    The title of each panel holds the Bayesian p-value; extreme ones (``"extreme": True``) are red.
+    Returns the Figure.
+    """
+    stats, reps = result.statistics, result.replicated
+    names = list(stats) if names is None else list(names)
+    if not names:
+        raise ValueError("no statistics to plot")
+    if axes is None:
+        nrows = math.ceil(len(names) / ncols)
+        fig, ax_arr = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 2.6 * nrows), squeeze=False)
+        ax_list = list(ax_arr.ravel())
+        for ax in ax_list[len(names):]:
+            ax.set_visible(False)
+    else:
+        fig, ax_list = _axes_list(axes, len(names))
+    for ax, name in zip(ax_list, names):
+        rep = np.asarray(reps[name], dtype=np.float64)
+        rep = rep[np.isfinite(rep)]
+        obs, p = stats[name]["observed"], stats[name]["p_value"]
+        if rep.size:
+            ax.hist(rep, bins=min(30, max(5, len(np.unique(rep)))), color="tab:blue", alpha=0.6,
+                    edgecolor="white", label="T(y_rep)")
+        ax.axvline(obs, color="tab:red", lw=2, label="T(y)")
+        bad = stats[name].get("extreme", False)
+        ax.set_title(f"{name}\np = {p:.3f}" + ("  (extreme)" if bad else ""), fontsize="small",
+                     color="tab:red" if bad else "black")
+        ax.tick_params(labelsize="x-small")
+    ax_list[0].legend(fontsize="x-small")
+    fig.tight_layout()
+    return fig
+
+
+def plot_importance_ratios(log_ratios, khat=None, ax=None):
+    """Sorted, normalised importance weights of guide draws (PSIS / k̂ of a variational fit).
+
+    Args:
+        log_ratios: ``(S,)`` log p(theta_s, y) - log q(theta_s) (see :func:`blob_pyro.diagnostics.vi_pareto_k`).
+        khat: the Pareto k-hat, shown in the title.
+        ax: Axes to draw into (new figure when ``None``).
+
+    With a good q all S weights are near 1/S (flat line); a few weights near 1 mean q misses the posterior.
+    Returns the Axes.
+    """
+    lr = _to_numpy(log_ratios).ravel()
+    if lr.size == 0 or not np.isfinite(lr).all():
+        raise ValueError("log_ratios must be a non-empty array of finite values")
+    w = np.exp(lr - lr.max())
+    w = np.sort(w / w.sum())[::-1]
+    ax = _new_ax(ax, figsize=(5.0, 3.5))
+    ax.plot(np.arange(1, w.size + 1), w, "o-", ms=3)
+    ax.axhline(1.0 / w.size, color="gray", ls="--", lw=1, label="1/S (q = posterior)")
+    ax.set_yscale("log")
+    ax.set_xlabel("draw (sorted by weight)")
+    ax.set_ylabel("normalised importance weight")
+    ess = 1.0 / np.sum(w**2)
+    title = f"Importance weights of {w.size} guide draws, ESS {ess:.1f}"
+    if khat is not None:
+        title += f", k̂ = {khat:.2f}"
+    ax.set_title(title, fontsize="medium")
+    ax.legend(fontsize="small")
+    return ax
 
 
 def save_figure(fig, path) -> Path:
