@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import time
 from typing import Callable, Iterator
 
@@ -126,8 +127,12 @@ def fit(model, guide, train, *, max_steps: int, batch_size: int = 16, lr: float 
         callback: Callable[[dict, dict], None] | None = None) -> list[dict]:
     """Fit ``guide`` to the posterior of ``model`` on ``train`` (a TaskSplit or list of examples).
 
+    :param start_step: steps already done (resuming); training continues with step ``start_step + 1``.
+    :param state: when resuming, ``{"optimizer_state": ..., "rng_state": ...}`` from a checkpoint; the
+        RNGs are restored after the optimisers are set up, just before the first step.
     :param callback: called after every step with (record, state) where ``state`` holds what a
-        checkpoint needs (``optimizers``, ``step``); used by the CLI for checkpoints and Ctrl-C.
+        checkpoint needs (``step``, and ``optimizer_state``: a function returning the optimiser and
+        scheduler state); used by :func:`blob_pyro.runs.train_run` for checkpoints and Ctrl-C.
     :returns: list of per-step records.
     """
     if max_steps <= 0:
@@ -160,6 +165,10 @@ def fit(model, guide, train, *, max_steps: int, batch_size: int = 16, lr: float 
         raise ValueError(f"unknown preset {preset!r}; the only preset is 'paper'")
     if state is not None and "optimizer_state" in state:
         lrs["load"](state["optimizer_state"])
+    if state is not None and "rng_state" in state:  # resuming: draw exactly what the interrupted run would have
+        from .checkpoint import set_rng_state
+
+        set_rng_state(state["rng_state"])
 
     log = []
     bar = _progress(range(start_step + 1, max_steps + 1), progress, "train")
@@ -168,7 +177,16 @@ def fit(model, guide, train, *, max_steps: int, batch_size: int = 16, lr: float 
         batch = head.collate(chunk, device)
         t0 = time.perf_counter()
         w = schedule.weight(step)
-        record = step_fn(batch, w, num_data)
+        try:
+            record = step_fn(batch, w, num_data)
+        except ValueError as err:  # distribution validation refusing NaN/inf logits or parameters
+            if "invalid values" not in str(err):
+                raise
+            first = str(err).strip().splitlines()[0]
+            m = re.search(r"parameter (\w+).*?distribution (\w+)", first)
+            what = f"{m.group(1)} of a {m.group(2)}" if m else first[:120]
+            raise TrainingError(f"non-finite loss at step {step} (NaN/inf in {what}); training diverged, "
+                                f"try a smaller lr") from err
         record.update(step=step, kl_weight=w, lr=lrs["current"](), seconds=time.perf_counter() - t0)
         if not all(math.isfinite(record[k]) for k in ("loss", "nll", "kl")):
             raise TrainingError(f"non-finite loss at step {step} (loss={record['loss']}, nll={record['nll']}, kl={record['kl']})")
@@ -271,11 +289,15 @@ def _paper_stepper(model, guide, *, lr, kl_lr, max_steps, warmup_ratio, flip, am
         sched2.step()
         return {"loss": nll.item() + w * kl.item(), "nll": nll.item(), "kl": kl.item()}
 
+    order = [store.param_name(p) for p in means + rho]  # optimiser state refers to parameters by position
+
     def save():
         return {"opt1": opt1.state_dict(), "opt2": opt2.state_dict(), "sched1": sched1.state_dict(),
-                "sched2": sched2.state_dict()}
+                "sched2": sched2.state_dict(), "params": list(order)}
 
     def load(state):
+        if state.get("params", order) != order:
+            raise TrainingError("the saved optimiser state lists other parameters than this model has")
         opt1.load_state_dict(state["opt1"]); opt2.load_state_dict(state["opt2"])
         sched1.load_state_dict(state["sched1"]); sched2.load_state_dict(state["sched2"])
 
