@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import json
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -110,6 +111,10 @@ class TrainConfig:
 
     # ---- validation --------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            if not _type_ok(getattr(self, f.name), hints[f.name]):
+                raise ConfigError(f"{f.name} must be of type {_type_name(hints[f.name])}; got {getattr(self, f.name)!r}")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices is not None and getattr(self, f.name) not in choices:
@@ -156,6 +161,25 @@ class TrainConfig:
         data = read_config_file(path)
         data.update(overrides or {})
         return cls.from_dict(data, source=f"key in {path}:")
+
+
+def _type_ok(value, hint) -> bool:
+    """Does ``value`` (from JSON, YAML or a flag) fit the field annotation ``hint``? (ints count as floats)."""
+    if typing.get_origin(hint) is typing.Union:
+        return any(_type_ok(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint in (int, float):
+        return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
+    if hint is list:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return isinstance(value, hint)
+
+
+def _type_name(hint) -> str:
+    if typing.get_origin(hint) is typing.Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    return {type(None): "null", list: "list of strings", float: "number"}.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def read_config_file(path) -> dict[str, Any]:
