@@ -5,6 +5,7 @@
     cfg = TrainConfig(model="minilm", dataset="winogrande_s", data_dir="../shared/data", max_steps=200)
     run = build(cfg)                      # model, guide, train/eval splits
     train_run(cfg, "runs/wg")            # writes config.json, train_log.jsonl, adapter/, posterior.safetensors, metrics.json
+    resume_run("runs/wg")                # after a crash or Ctrl-C: continue from checkpoint.safetensors
     run = load_run("runs/wg")            # restores model, guide and posterior
     out = predict(run.model, run.guide, run.eval, num_samples=10)
 
@@ -12,6 +13,7 @@ A run directory::
 
     config.json               everything needed to reproduce (settings, versions, git commit)
     train_log.jsonl           one JSON record per step
+    checkpoint.safetensors    resumable training state (--checkpoint-every K, Ctrl-C; see blob_pyro.checkpoint)
     adapter/                  vanilla PEFT adapter holding the posterior mean (PeftModel.from_pretrained)
     posterior.safetensors     the guide's variational parameters
     metrics.json              accuracy, ece, nll, brier + dataset, split, num_samples
@@ -41,7 +43,7 @@ from .lora import attach_variants, inject_lora, lora_layers
 from .model import BlobModel
 from .priors import make_prior
 
-__all__ = ["Run", "RunError", "build", "evaluate", "build_model", "train_run", "evaluate_run", "load_run", "save_run",
+__all__ = ["Run", "RunError", "build", "evaluate", "build_model", "train_run", "resume_run", "TrainingInterrupted", "load_run", "save_run",
            "atomic_write_text", "set_seed", "pick_device"]
 
 
@@ -95,7 +97,11 @@ def build_model(cfg: TrainConfig, *, num_data: int = 1, adapter_dir: str | os.Pa
     else:
         from peft import PeftModel
 
-        network = PeftModel.from_pretrained(hf_model, str(adapter_dir), is_trainable=True)
+        try:
+            network = PeftModel.from_pretrained(hf_model, str(adapter_dir), is_trainable=True)
+        except Exception as err:  # damaged or foreign adapter files: PEFT/safetensors raise many types
+            msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise RunError(f"cannot load the adapter in {adapter_dir}: {msg}") from err
         attach_variants(network)
     network.to(pick_device(cfg.device))
     head = _make_head(kind, tokenizer, num_classes, option_words, cfg.max_length)
@@ -204,23 +210,38 @@ def read_run_config(run_dir) -> TrainConfig:
         raise RunError(f"{run_dir} is not a blob_pyro run folder (no config.json)")
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise RunError(f"{path} is not valid JSON: {err}") from err
-    return TrainConfig.from_dict(data.get("config", data), source=f"key in {path}:")
+    if not isinstance(data, dict) or not isinstance(data.get("config", data), dict):
+        raise RunError(f"{path} does not hold a run configuration")
+    cfg = TrainConfig.from_dict(data.get("config", data), source=f"key in {path}:")
+    try:
+        cfg.validate()
+    except (TypeError, ValueError) as err:  # a hand-edited or foreign config.json: refuse, never guess
+        raise RunError(f"{path}: {err}") from err
+    return cfg
 
 
-def load_run(run_dir, *, dataset: str | None = None, data_dir: str | None = None, device: str | None = None) -> Run:
-    """Restore model, guide and posterior from a run directory (and the eval split when ``dataset``/``data_dir`` allow)."""
+def load_run(run_dir, *, dataset: str | None = None, data_dir: str | None = None, device: str | None = None,
+             trust_remote_code: bool = False) -> Run:
+    """Restore model, guide and posterior from a run directory (and the eval split when ``dataset``/``data_dir`` allow).
+
+    Only safetensors and JSON files are read. ``trust_remote_code`` comes from the caller, never from the
+    run's config.json.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
+    cfg.trust_remote_code = trust_remote_code
     if device is not None:
         cfg.device = device
     adapter = run_dir / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         raise RunError(f"{adapter} has no adapter_config.json; the run did not finish or the folder is damaged")
+    if not (adapter / "adapter_model.safetensors").is_file():
+        raise RunError(f"{adapter} has no adapter_model.safetensors (only safetensors weights are loaded)")
     _check_adapter(adapter, cfg)
     try:
         state = load_file(str(run_dir / "posterior.safetensors"))
@@ -238,8 +259,8 @@ def load_run(run_dir, *, dataset: str | None = None, data_dir: str | None = None
     missing = set(guide.state_dict()) - set(state)
     extra = set(state) - set(guide.state_dict())
     if missing or extra:
-        raise RunError(f"posterior.safetensors does not fit this model: missing {sorted(missing)[:3]}, "
-                       f"unexpected {sorted(extra)[:3]}")
+        raise RunError(f"posterior.safetensors does not fit this model (guide {cfg.guide}, bayesian factor "
+                       f"{cfg.bayesian_factor}): missing {sorted(missing)[:1]}, unexpected {sorted(extra)[:1]}")
     device_ = next(model.network.parameters()).device
     guide.load_state_dict({k: v.to(device_) for k, v in state.items()})
     eval_split = None
@@ -260,8 +281,13 @@ def _check_adapter(adapter: Path, cfg: TrainConfig) -> None:
         raise RunError(f"the adapter in {adapter} was made for base model {base!r}, not {cfg.model!r}")
     if acfg.get("r") != cfg.lora_r:
         raise RunError(f"the adapter in {adapter} has rank r={acfg.get('r')}, the run config says {cfg.lora_r}")
-    if cfg.target_modules and sorted(acfg.get("target_modules") or []) != sorted(cfg.target_modules):
-        raise RunError(f"the adapter in {adapter} targets {acfg.get('target_modules')}, the run config says {cfg.target_modules}")
+    targets = cfg.target_modules
+    if not targets:  # the run used the model's default targets
+        from .backbone import default_targets, load_config
+
+        targets = default_targets(load_config(cfg.model, trust_remote_code=cfg.trust_remote_code))
+    if sorted(acfg.get("target_modules") or []) != sorted(targets):
+        raise RunError(f"the adapter in {adapter} targets {acfg.get('target_modules')}, the run config says {targets}")
 
 
 # ---- train and evaluate --------------------------------------------------------------------
@@ -281,30 +307,139 @@ def evaluate(run: Run, data=None, *, num_samples: int | None = None, progress: b
 
 
 def train_run(cfg: TrainConfig, out_dir, *, progress: bool = True, overwrite: bool = False) -> dict:
-    """Train and evaluate ``cfg`` into ``out_dir``; returns the metrics."""
-    from .infer import fit
+    """Train and evaluate ``cfg`` into ``out_dir``; returns the metrics.
 
+    An existing non-empty ``out_dir`` is refused unless ``overwrite``, and even then only a blob_pyro run
+    folder (one with config.json) is replaced. Nothing on disk changes before the config, data and model
+    have loaded.
+    """
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise RunError(f"output folder {out} exists and is not empty (pass --overwrite to replace it)")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise RunError(f"output folder {out} exists and is not empty (pass --overwrite to replace it)")
+        if not (out / "config.json").is_file():
+            raise RunError(f"output folder {out} is not a blob_pyro run folder (no config.json); "
+                           f"refusing to delete it even with --overwrite")
     run = build(cfg)
     cfg = run.config
     if out.exists() and overwrite:
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.json", json.dumps({"config": cfg.to_dict(), "versions": _versions()}, indent=2) + "\n")
-    log_path = out / "train_log.jsonl"
-    with open(log_path, "w") as log_file:
-        def on_step(record, state):
+    (out / "train_log.jsonl").write_text("")
+    return _train_and_save(run, out, None, progress=progress)
+
+
+def resume_run(out_dir, *, progress: bool = True, trust_remote_code: bool = False) -> dict:
+    """Continue the run in ``out_dir`` from its last checkpoint (from step 0 if it has none); returns the metrics.
+
+    Settings come from ``out_dir/config.json``; lines of train_log.jsonl after the checkpoint's step are
+    dropped, then the log is appended to. On CPU the result equals an uninterrupted run's exactly.
+    """
+    from .checkpoint import CHECKPOINT, load_checkpoint
+
+    out = Path(out_dir)
+    cfg = read_run_config(out)
+    cfg.trust_remote_code = trust_remote_code  # never taken from a file
+    if (out / "metrics.json").is_file():
+        raise RunError(f"the run in {out} has already finished (metrics.json exists); nothing to resume")
+    ckpt = load_checkpoint(out / CHECKPOINT) if (out / CHECKPOINT).is_file() else None
+    if ckpt is not None and not 0 <= ckpt.step <= cfg.max_steps:
+        raise RunError(f"{out / CHECKPOINT} is at step {ckpt.step}, outside this run's 0..{cfg.max_steps}")
+    run = build(cfg)
+    return _train_and_save(run, out, ckpt, progress=progress, resuming=True)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped training after a checkpoint was saved; ``exit_code`` is 128 + the signal."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _train_and_save(run: Run, out: Path, ckpt, *, progress: bool, resuming: bool = False) -> dict:
+    """Fit (from ``ckpt`` if given) with checkpoints and Ctrl-C handling, then evaluate and save."""
+    from .checkpoint import CHECKPOINT, GracefulInterrupt, capture, restore_params, save_checkpoint
+    from .infer import TrainingError, fit
+
+    cfg = run.config
+    start, state = 0, None
+    if ckpt is not None:
+        _register_params(run.model, run.guide)
+        restore_params(ckpt)
+        start, state = ckpt.step, {"optimizer_state": ckpt.optimizer, "rng_state": ckpt.rng}
+    if resuming:  # only now that the checkpoint fits: drop what was logged after it
+        _truncate_log(out / "train_log.jsonl", start)
+    every = cfg.checkpoint_every
+    last_saved = start if ckpt is not None else None  # step of the checkpoint on disk
+
+    def checkpoint(step, optimizer_state):
+        nonlocal last_saved
+        snapshot = capture(step, optimizer_state())
+        bad = snapshot.nonfinite()
+        if bad is not None:  # never replace a good checkpoint with a broken one
+            kept = f"; the last good checkpoint (step {last_saved}) is kept" if last_saved is not None else ""
+            raise TrainingError(f"non-finite value in {bad} after step {step}{kept}")
+        save_checkpoint(out / CHECKPOINT, snapshot)
+        last_saved = step
+
+    last_state = {}
+
+    def stop_now(step, optimizer_state):
+        checkpoint(step, optimizer_state)
+        raise TrainingInterrupted(f"interrupted after step {step}; checkpoint saved, continue with "
+                                  f"blob-pyro train --resume {out}", 128 + stop.signum)
+
+    with open(out / "train_log.jsonl", "a") as log_file, GracefulInterrupt() as stop:
+        def on_step(record, fit_state):
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
+            last_state.update(fit_state)
+            step = fit_state["step"]
+            if stop.signum is not None:
+                stop_now(step, fit_state["optimizer_state"])
+            if every and (step % every == 0 or step == cfg.max_steps):
+                checkpoint(step, fit_state["optimizer_state"])
 
-        fit(run.model, run.guide, run.train, max_steps=cfg.max_steps, batch_size=cfg.batch_size, lr=cfg.lr,
-            scale_lr=cfg.scale_lr, warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay, elbo=cfg.elbo,
-            kl_schedule=cfg.kl_schedule, kl_multiplier=cfg.kl_multiplier, gamma=cfg.gamma,
-            use_flipout=cfg.flipout, flipout_per=cfg.flipout_per, preset=cfg.preset, kl_lr=cfg.kl_lr,
-            seed=cfg.seed, progress=progress, autocast_dtype=torch.bfloat16 if cfg.bf16 else None,
-            callback=on_step)
+        try:
+            fit(run.model, run.guide, run.train, max_steps=cfg.max_steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                scale_lr=cfg.scale_lr, warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay, elbo=cfg.elbo,
+                kl_schedule=cfg.kl_schedule, kl_multiplier=cfg.kl_multiplier, gamma=cfg.gamma,
+                use_flipout=cfg.flipout, flipout_per=cfg.flipout_per, preset=cfg.preset, kl_lr=cfg.kl_lr,
+                seed=cfg.seed, progress=progress, autocast_dtype=torch.bfloat16 if cfg.bf16 else None,
+                start_step=start, state=state, callback=on_step)
+        except TrainingError as err:
+            if last_saved is not None and "checkpoint" not in str(err):
+                raise TrainingError(f"{err}; the last good checkpoint (step {last_saved}) is kept") from err
+            raise
+        if stop.signum is not None and last_state:  # the signal came after the last step
+            stop_now(last_state["step"], last_state["optimizer_state"])
     metrics = evaluate(run, progress=progress)
     save_run(out, run, metrics=metrics)
     return metrics
+
+
+def _register_params(model: BlobModel, guide) -> None:
+    """Run guide and model once (no gradients) so every parameter is in the param store, in training order."""
+    from pyro import poutine
+
+    batch = model.example_batch()
+    with torch.no_grad():
+        guide_trace = poutine.trace(guide).get_trace(batch)
+        poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(batch)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep the records of steps 1..step (dropping anything after, including a half-written line)."""
+    kept = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int) or record["step"] > step:
+                break
+            kept.append(line + "\n")
+    atomic_write_text(path, "".join(kept))
