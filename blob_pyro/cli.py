@@ -2,12 +2,15 @@
 
 ::
 
-    blob-pyro train --model minilm --dataset winogrande_s --data-dir ../shared/data --output-dir runs/wg
+    blob-pyro train --model minilm --dataset winogrande_s --data-dir ../shared/data --output-dir runs/wg \
+        --checkpoint-every 50
+    blob-pyro train --resume runs/wg          # after a crash, kill or Ctrl-C: continue from the last checkpoint
     blob-pyro evaluate --run runs/wg --dataset arc_easy --num-samples 10
     blob-pyro describe --model minilm --bayesian-factor B
 
 Every ``train`` flag is a field of :class:`~blob_pyro.config.TrainConfig`; ``--config FILE`` (JSON or
-YAML) sets defaults that flags override. A user's mistake prints one line on stderr and exits 2.
+YAML) sets defaults that flags override. A user's mistake prints one line on stderr and exits 2;
+Ctrl-C during training saves a checkpoint and exits 130 (SIGTERM: 143).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import os
 import sys
 import typing
+import warnings
 from pathlib import Path
 
 from .config import ConfigError, TrainConfig
@@ -35,13 +39,14 @@ class _Parser(argparse.ArgumentParser):
 
 def _user_errors() -> tuple:
     from .backbone import ModelError
+    from .checkpoint import CheckpointError
     from .data import DataError
     from .heads import HeadError
     from .infer import TrainingError
     from .lora import TargetModuleError
     from .runs import RunError
 
-    return (ConfigError, DataError, ModelError, TargetModuleError, RunError, HeadError, TrainingError)
+    return (ConfigError, DataError, ModelError, TargetModuleError, RunError, HeadError, TrainingError, CheckpointError)
 
 
 USER_ERRORS = None  # filled lazily: importing them pulls in torch
@@ -86,8 +91,9 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train and evaluate a run")
     t.add_argument("--config", help="JSON or YAML file of TrainConfig settings (flags override it)")
-    t.add_argument("--output-dir", required=True, help="run folder to create")
-    t.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    t.add_argument("--output-dir", help="run folder to create")
+    t.add_argument("--resume", metavar="OUT", help="continue the run in OUT from its last checkpoint (settings from OUT/config.json)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_config_flags(t)
 
@@ -98,6 +104,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--num-samples", type=int, help="posterior draws (0 = posterior mean)")
     e.add_argument("--batch-size", type=int, help="evaluation batch size")
     e.add_argument("--output", help="also write the metrics to this JSON file")
+    e.add_argument("--trust-remote-code", type=_bool, default=False, metavar="BOOL",
+                   help="allow custom model code (never taken from the run folder)")
     e.add_argument("--quiet", action="store_true")
 
     d = sub.add_parser("describe", help="print the probabilistic model: sites, priors, guide, parameter counts")
@@ -120,7 +128,11 @@ def _config_from(args: argparse.Namespace) -> TrainConfig:
     names = set(TrainConfig.field_names())
     overrides = {k: v for k, v in vars(args).items() if k in names}
     if getattr(args, "config", None):
-        return TrainConfig.from_file(args.config, overrides)
+        cfg = TrainConfig.from_file(args.config, overrides)
+        if cfg.trust_remote_code and not overrides.get("trust_remote_code"):
+            raise ConfigError(f"{args.config} sets trust_remote_code; custom model code is only allowed with the "
+                              f"flag --trust-remote-code true")
+        return cfg
     return TrainConfig.from_dict(overrides)
 
 
@@ -134,13 +146,28 @@ def metrics_table(metrics: dict) -> str:
 
 
 def _cmd_train(args) -> int:
-    from .runs import train_run
+    from .runs import resume_run, train_run
 
-    cfg = _config_from(args)
-    cfg.effective().validate()
-    metrics = train_run(cfg, args.output_dir, progress=not args.quiet, overwrite=args.overwrite)
+    if args.resume:
+        given = [f"--{k.replace('_', '-')}" for k in vars(args)
+                 if k in TrainConfig.field_names() and k != "trust_remote_code"]
+        given += [flag for flag, on in (("--output-dir", args.output_dir), ("--config", args.config),
+                                        ("--overwrite", args.overwrite)) if on]
+        if given:
+            raise ConfigError(f"--resume continues with the settings in {args.resume}/config.json; "
+                              f"drop {', '.join(given)}")
+        metrics = resume_run(args.resume, progress=not args.quiet,
+                             trust_remote_code=bool(getattr(args, "trust_remote_code", False)))
+        out = args.resume
+    else:
+        if not args.output_dir:
+            raise ConfigError("train needs --output-dir (a new run) or --resume OUT (continue a run)")
+        cfg = _config_from(args)
+        cfg.effective().validate()
+        metrics = train_run(cfg, args.output_dir, progress=not args.quiet, overwrite=args.overwrite)
+        out = args.output_dir
     print(metrics_table(metrics))
-    print(f"run written to {args.output_dir}")
+    print(f"run written to {out}")
     return 0
 
 
@@ -149,7 +176,10 @@ def _cmd_evaluate(args) -> int:
 
     if args.num_samples is not None and args.num_samples < 0:
         raise ConfigError(f"--num-samples must be >= 0; got {args.num_samples}")
-    run = load_run(args.run, dataset=args.dataset or None, data_dir=args.data_dir)
+    if args.batch_size is not None and args.batch_size <= 0:
+        raise ConfigError(f"--batch-size must be > 0; got {args.batch_size}")
+    run = load_run(args.run, dataset=args.dataset or None, data_dir=args.data_dir,
+                   trust_remote_code=args.trust_remote_code)
     if run.eval is None:
         from .data import load_split
 
@@ -210,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # stderr is for the user's errors, not weight loading bars
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter
     handlers = {"train": _cmd_train, "evaluate": _cmd_evaluate, "describe": _cmd_describe, "ppc": _cmd_ppc}
     try:
         return handlers[args.command](args)
@@ -217,9 +249,9 @@ def main(argv: list[str] | None = None) -> int:
         msg = " ".join(str(err).split())
         sys.stderr.write(f"{PROG}: error: {msg}\n")
         return 2
-    except KeyboardInterrupt:
-        sys.stderr.write(f"{PROG}: interrupted\n")
-        return 130
+    except KeyboardInterrupt as err:  # TrainingInterrupted says where the checkpoint is
+        sys.stderr.write(f"{PROG}: {' '.join(str(err).split()) or 'interrupted'}\n")
+        return getattr(err, "exit_code", 130)
 
 
 if __name__ == "__main__":  # pragma: no cover
