@@ -95,14 +95,10 @@ def set_rng_state(state: dict) -> None:
 # ---- capture and restore --------------------------------------------------------------------
 def capture(step: int, optimizer_state: Any) -> Checkpoint:
     """Snapshot the global param store, ``optimizer_state`` and the RNGs after training step ``step``."""
-    store = pyro.get_param_store()
-    params = {name: p.detach().cpu().clone().contiguous() for name, p in store.named_parameters()}
-    constraints = {name: _constraint_name(store._constraints[name]) for name in params}
+    state = pyro.get_param_store().get_state()
+    params = {name: p.detach().cpu().clone().contiguous() for name, p in state["params"].items()}
+    constraints = {name: repr(state["constraints"][name]) for name in params}
     return Checkpoint(int(step), params, constraints, optimizer_state, get_rng_state())
-
-
-def _constraint_name(constraint) -> str:
-    return type(constraint).__name__.lstrip("_")
 
 
 @torch.no_grad()
@@ -111,8 +107,8 @@ def restore_params(ckpt: Checkpoint) -> None:
 
     The store must already hold the same parameters (run the guide and model once first).
     """
-    store = pyro.get_param_store()
-    have = dict(store.named_parameters())
+    store = pyro.get_param_store().get_state()
+    have, constraints = store["params"], store["constraints"]
     missing, extra = sorted(set(ckpt.params) - set(have)), sorted(set(have) - set(ckpt.params))
     if missing or extra:
         raise CheckpointError(f"checkpoint does not fit this model: parameters only in the checkpoint {missing[:3]}, "
@@ -122,9 +118,9 @@ def restore_params(ckpt: Checkpoint) -> None:
         if tuple(target.shape) != tuple(value.shape):
             raise CheckpointError(f"checkpoint does not fit this model: {name} has shape {tuple(value.shape)}, "
                                   f"the model needs {tuple(target.shape)}")
-        if _constraint_name(store._constraints[name]) != ckpt.constraints.get(name):
+        if repr(constraints[name]) != ckpt.constraints.get(name):
             raise CheckpointError(f"checkpoint does not fit this model: {name} has constraint "
-                                  f"{ckpt.constraints.get(name)}, the model uses {_constraint_name(store._constraints[name])}")
+                                  f"{ckpt.constraints.get(name)}, the model uses {constraints[name]!r}")
         target.copy_(value.to(device=target.device, dtype=target.dtype))
 
 
