@@ -78,6 +78,9 @@ def predict(model, guide, data, *, num_samples: int = 10, batch_size: int = 16, 
     if num_samples < 0:
         raise ValueError(f"num_samples must be >= 0, got {num_samples}")
     examples = list(getattr(data, "examples", data))
+    # batch examples of similar length together (less padding), then restore the original order
+    order = sorted(range(len(examples)), key=lambda i: _length_key(examples[i]))
+    examples = [examples[i] for i in order]
     device = device or next(model.network.parameters()).device
     model.network.eval()
     for name, module in model.network.named_modules():  # MC dropout stays on at prediction
@@ -99,4 +102,12 @@ def predict(model, guide, data, *, num_samples: int = 10, batch_size: int = 16, 
             labels.append(batch["labels"].cpu())
             if keep_draws:
                 draws.append(logits.cpu())
-    return Prediction(torch.cat(probs), torch.cat(labels), torch.cat(draws, dim=1) if keep_draws else None)
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    return Prediction(torch.cat(probs)[inverse], torch.cat(labels)[inverse],
+                      torch.cat(draws, dim=1)[:, inverse] if keep_draws else None)
+
+
+def _length_key(example) -> int:
+    texts = [example.prompt] + [t for pair in example.mc_texts for t in pair if t]
+    return max(len(t) for t in texts)

@@ -256,3 +256,29 @@ def test_paper_preset_steps_rho_and_deterministic_factor(tiny_llama_dir):
     b = [v for k, v in store.items() if k.endswith("lm_head.lora_B.default.weight")][0]
     assert torch.count_nonzero(b) > 0  # B (deterministic, zero-init) was trained by AdamW on the NLL
     assert rho.requires_grad
+
+
+def test_warmup_then_linear_decay():
+    from blob_pyro.infer import warmup_linear
+
+    f = warmup_linear(100, 0.06)
+    values = [f(s) for s in range(101)]
+    assert values[0] == pytest.approx(1 / 7) and values[5] == pytest.approx(6 / 7) and values[6] == 1.0
+    assert all(a < b for a, b in zip(values[:6], values[1:7]))
+    assert all(a >= b for a, b in zip(values[6:], values[7:]))
+    assert values[100] == 0.0 and values[53] == pytest.approx(47 / 94)
+
+
+def test_predict_keeps_the_data_order(tiny_llama_dir):
+    from blob_pyro.predictive import predict
+
+    model = _llama(tiny_llama_dir, "B")
+    guide = make_guide("blob", model)
+    examples = toy_examples(9)
+    # make lengths differ so that length-sorted batching reorders them internally
+    examples = [e.__class__(e.index, e.prompt + " x" * (9 - i), e.choices, e.mc_texts, e.label)
+                for i, e in enumerate(examples)]
+    out = predict(model, guide, examples, num_samples=0, batch_size=4, progress=False)
+    single = torch.cat([predict(model, guide, [e], num_samples=0, progress=False).probs for e in examples])
+    assert torch.equal(out.labels, torch.tensor([e.label for e in examples]))
+    assert torch.allclose(out.probs, single, atol=1e-5)
