@@ -245,7 +245,8 @@ def test_ctrl_c_then_sigkill_then_resume_matches_uninterrupted_run(data_dir, ref
 
     # 2. resume, then SIGKILL at whatever step it has reached past the next periodic checkpoint
     proc = start_cli("train", "--resume", str(out), "--quiet")
-    wait_for_steps(proc, out, max(first.step, EVERY) + 1)
+    next_checkpoint = (first.step // EVERY + 1) * EVERY
+    wait_for_steps(proc, out, next_checkpoint + 1)
     proc.kill()
     code, _, _ = finish(proc)
     assert code == -signal.SIGKILL
