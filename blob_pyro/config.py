@@ -23,6 +23,8 @@ __all__ = ["TrainConfig", "ConfigError", "METHODS", "PRESETS"]
 
 METHODS = ("blob", "mle", "map", "mcdropout", "bbb")
 PRESETS = ("paper",)
+BBB_INIT_SCALE = 0.1
+"""Initial std of every AutoNormal scale for ``method=bbb`` (Pyro's AutoNormal default)."""
 
 
 class ConfigError(ValueError):
@@ -91,7 +93,18 @@ class TrainConfig:
 
     # ---- derived settings ------------------------------------------------------------------
     def effective(self) -> "TrainConfig":
-        """Apply the method and preset to the settings they imply."""
+        """Apply the method and preset to the settings they imply (idempotent).
+
+        - ``mle``: plain LoRA: AutoDelta point estimate, KL multiplier 0 (no prior), posterior-mean prediction.
+        - ``map``: AutoDelta on *both* LoRA factors with the ``prior`` at the standard minibatch-ELBO weight
+          1/N: for the Normal prior, L2 toward 0 with coefficient 1/(2·prior_scale²·N) per batch-mean NLL.
+          The official code's MAP (AdamW ``weight_decay=1e-5``) is ``method=mle, weight_decay=1e-5``.
+        - ``mcdropout``: as ``mle``, with LoRA dropout 0.1 (unless set) kept on at prediction, ``num_samples`` draws.
+        - ``bbb``: Bayes-by-backprop on both factors with a standard (not BLoB) initialisation: AutoNormal,
+          means at PEFT's init (A Kaiming-uniform, B zero), every scale at :data:`BBB_INIT_SCALE` (0.1, Pyro's
+          AutoNormal default; the guide's init scale is eps², so eps is set to √0.1), standard ELBO (KL 1/N).
+        - ``blob``: the settings as given (``preset="paper"``: A factor, BLoB guide, BLoB KL re-weighting).
+        """
         cfg = dataclasses.replace(self)
         if cfg.preset == "paper":
             cfg.bayesian_factor, cfg.guide, cfg.kl_schedule, cfg.lr = "A", "blob", "blob", cfg.lr
@@ -100,13 +113,14 @@ class TrainConfig:
             if cfg.method in ("mle", "mcdropout"):
                 cfg.kl_schedule, cfg.kl_multiplier = "fixed", 0.0
             else:
-                cfg.kl_schedule = "standard"
+                cfg.bayesian_factor, cfg.kl_schedule = "both", "standard"
             if cfg.method == "mcdropout":
                 cfg.lora_dropout = cfg.lora_dropout or 0.1
             else:
                 cfg.num_samples = 0
         if cfg.method == "bbb":
             cfg.bayesian_factor, cfg.guide, cfg.kl_schedule = "both", "auto_normal", "standard"
+            cfg.eps = math.sqrt(BBB_INIT_SCALE)
         return cfg
 
     # ---- validation --------------------------------------------------------------------------
