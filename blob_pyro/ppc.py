@@ -25,6 +25,9 @@ rule) and its top label ŷ held fixed, for the observed labels and for each repl
 statistics are discrete). Values near 0 or 1 say the data are unlike the model's replicates; a
 statistic is flagged ``extreme`` when p < 0.025 or p > 0.975. Use S ≥ 100 for p-values worth reading.
 
+A statistic undefined for the data (the error of a class no example has) is NaN in memory and null in
+``ppc.json``, and never flagged.
+
 **Reliability band.** Per confidence bin of p̄, the 5–95 % range over replicates of the accuracy
 (ŷ == y_rep): where the observed accuracy leaves the band, the model's calibration is off there.
 """
@@ -136,7 +139,8 @@ def check_idata(idata, *, n_bins: int = 15) -> PPCResult:
     logits = np.asarray(pp["logits"]).reshape(-1, *pp["logits"].shape[2:])
     y_rep = np.asarray(pp["y"]).reshape(-1, pp["y"].shape[-1])
     result = check_predictive(logits, np.asarray(idata.observed_data["y"]), y_rep, n_bins=n_bins)
-    result.meta.update({k: idata.attrs[k] for k in ("dataset", "split", "seed") if k in idata.attrs})
+    attrs = {k: idata.attrs[k] for k in ("dataset", "split", "seed") if k in idata.attrs}
+    result.meta.update({k: v.item() if hasattr(v, "item") else v for k, v in attrs.items()})  # NetCDF gives numpy
     return result
 
 
@@ -178,8 +182,19 @@ def write_outputs(result: PPCResult, idata, out_dir, *, extra: dict | None = Non
     report = {**result.to_dict(), **(extra or {}),
               "metrics": compute_metrics(result.probs, result.labels),
               "files": [p.name for p in paths] + ["ppc.json"]}
-    atomic_write_text(out / "ppc.json", json.dumps(report, indent=2, allow_nan=True) + "\n")
+    atomic_write_text(out / "ppc.json", json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n")
     return paths + [out / "ppc.json"]
+
+
+def _json_safe(obj):
+    """Strict JSON: NaN/inf (an undefined statistic, e.g. the error of a class with no example) become null."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
 
 
 def _user_errors() -> tuple:

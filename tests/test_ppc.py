@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from blob_pyro.metrics import accuracy, expected_calibration_error
-from blob_pyro.ppc import check_predictive, format_table, run_ppc
+from blob_pyro.ppc import check_idata, check_predictive, format_table, run_ppc
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "ppc.py"
@@ -153,6 +153,9 @@ def test_script_end_to_end(tiny_run, data_dir, tmp_path):
     idata = arviz_io.load(out / "idata.nc")
     assert idata.posterior_predictive["y"].shape == (1, 5, 12)
     assert "training" in arviz_io.groups(idata) and idata.training["step"].size == 2
+    again = check_idata(idata)  # the saved file alone reproduces the report
+    assert json.loads(json.dumps(again.to_dict()))["statistics"]["ece"] == report["statistics"]["ece"]
+    assert again.meta["seed"] == 0 and again.meta["dataset"] == "winogrande_s"
 
 
 def test_script_wrong_run_folder_is_one_line(tmp_path):
