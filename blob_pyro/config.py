@@ -69,7 +69,7 @@ class TrainConfig:
     flipout_per: str = _f("token", "token (the paper) | sequence", choices=("token", "sequence"))
     # optimisation
     max_steps: int = _f(200, "training steps")
-    batch_size: int = _f(16, "examples per step")
+    batch_size: int = _f(16, "examples per step and process (K processes: K x batch_size per step)")
     lr: float = _f(1e-3, "learning rate of means and deterministic parameters (AdamW)")
     scale_lr: Optional[float] = _f(None, "learning rate of std parameters (default: lr)")
     warmup_ratio: float = _f(0.06, "linear warm-up share of max_steps")
@@ -88,6 +88,7 @@ class TrainConfig:
     bf16: bool = _f(False, "bf16 autocast for the backbone (GPU)")
     load_in_8bit: bool = _f(False, "load the backbone in 8-bit (bitsandbytes, GPU)")
     load_in_4bit: bool = _f(False, "load the backbone in 4-bit (bitsandbytes, GPU)")
+    gradient_checkpointing: bool = _f(False, "recompute the frozen backbone's block activations in backward (less memory, ~30% more compute)")
     trust_remote_code: bool = _f(False, "allow custom model code from the hub (off unless you ask)")
     checkpoint_every: int = _f(0, "write a resumable checkpoint every K steps (0: off)")
 
