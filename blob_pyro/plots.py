@@ -521,6 +521,7 @@ def plot_importance_ratios(log_ratios, khat=None, ax=None):
     ax.plot(np.arange(1, w.size + 1), w, "o-", ms=3)
     ax.axhline(1.0 / w.size, color="gray", ls="--", lw=1, label="1/S (q = posterior)")
     ax.set_yscale("log")
+    ax.set_ylim(top=2.0)  # weights are <= 1
     ax.set_xlabel("draw (sorted by weight)")
     ax.set_ylabel("normalised importance weight")
     ess = 1.0 / np.sum(w**2)
