@@ -1,0 +1,139 @@
+"""The benchmark runner end to end on tiny settings: files it writes, resuming, refusals, OOD, failures."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from blob_pyro import bench
+
+pytestmark = pytest.mark.data
+
+TINY = {"model": "minilm", "max_steps": 2, "batch_size": 4, "train_limit": 8, "eval_limit": 6, "max_length": 32,
+        "num_samples": 2, "eval_batch_size": 8}
+
+
+def _grid_file(tmp_path: Path, **kw) -> Path:
+    grid = {"name": "smoke", "base": dict(TINY), "methods": ["mle", "blob"], "datasets": ["winogrande_s"], "seeds": [1]}
+    grid.update(kw)
+    path = tmp_path / "grid.json"
+    path.write_text(json.dumps(grid))
+    return path
+
+
+def _run(config, out, data_dir, *extra):
+    return bench.main(["run", str(config), "--out", str(out), "--data-dir", str(data_dir), "--quiet", *extra])
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, data_dir):
+    tmp = tmp_path_factory.mktemp("bench")
+    config = _grid_file(tmp)
+    assert _run(config, tmp / "out", data_dir) == 0
+    return config, tmp / "out", data_dir
+
+
+def test_runner_writes_results_table_and_plots(smoke):
+    _, out, _ = smoke
+    report = out / "smoke"
+    with open(report / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["method"] for r in rows] == ["mle", "blob", "blob_mean"]
+    assert set(bench.CSV_COLUMNS) <= set(rows[0])
+    for r in rows:
+        assert (r["dataset"], r["eval_dataset"], r["seed"], r["num_examples"]) == ("winogrande_s", "winogrande_s", "1", "6")
+        for key in ("accuracy", "ece", "nll", "brier", "train_seconds", "eval_seconds"):
+            assert float(r[key]) >= 0, key
+    assert [r["num_samples"] for r in rows] == ["0", "2", "0"]
+    assert rows[1]["run_dir"] == rows[2]["run_dir"]  # blob and blob_mean: one trained run, two predictions
+    md = (report / "results.md").read_text()
+    for title in ("ACC (%)", "ECE (%)", "NLL", "Brier", "Time"):
+        assert f"## {title}" in md
+    assert "| method | winogrande_s |" in md and "| blob_mean |" in md
+    acc = 100 * float(rows[0]["accuracy"])
+    assert f"| mle | {acc:.2f} ± 0.00 (1 seed) |" in md
+    for name in ("reliability_winogrande_s__mle.png", "reliability_winogrande_s__blob.png",
+                 "reliability_winogrande_s__blob_mean.png", "metrics_winogrande_s.png"):
+        png = report / "plots" / name
+        assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG", name
+    run = out / "runs" / "winogrande_s" / "blob" / "seed1"
+    for name in ("config.json", "metrics.json", "train_log.jsonl", "posterior.safetensors", bench.PREDICTIONS,
+                 "adapter/adapter_config.json"):
+        assert (run / name).is_file(), name
+    assert json.loads((report / "grid.json").read_text())["seeds"] == [1]
+
+
+def test_second_invocation_skips_finished_cells_and_redoes_a_half_done_one(smoke, monkeypatch, capsys):
+    config, out, data_dir = smoke
+    blob = out / "runs" / "winogrande_s" / "blob" / "seed1"
+    (blob / "metrics.json").unlink()  # as if killed after training, before the end of the cell
+    before = (out / "runs" / "winogrande_s" / "mle" / "seed1" / "metrics.json").stat().st_mtime_ns
+    trained = []
+    real = bench.train_member
+    monkeypatch.setattr(bench, "train_member", lambda cfg, d, rows, **kw: trained.append(cfg.method) or real(cfg, d, rows, **kw))
+    assert _run(config, out, data_dir) == 0
+    assert trained == ["blob"]
+    err = capsys.readouterr().err
+    assert "[1/2] mle | winogrande_s | seed 1: finished earlier, skipped" in err
+    assert "[2/2] blob | winogrande_s | seed 1: training" in err
+    assert (out / "runs" / "winogrande_s" / "mle" / "seed1" / "metrics.json").stat().st_mtime_ns == before
+    trained.clear()
+    assert _run(config, out, data_dir) == 0 and trained == []  # everything done: nothing trains
+    assert "[2/2] blob | winogrande_s | seed 1: finished earlier, skipped" in capsys.readouterr().err
+
+
+def test_finished_cell_with_other_settings_is_refused(smoke, capsys):
+    config, out, data_dir = smoke
+    assert _run(config, out, data_dir, "--set", "max_steps=3") == 1
+    err = capsys.readouterr().err
+    assert "mle | winogrande_s | seed 1" in err and "max_steps: 2 -> 3" in err
+
+
+def test_a_failing_cell_is_named(tmp_path, data_dir, capsys):
+    config = _grid_file(tmp_path, methods=["mle"],
+                        variants=[{"name": "broken", "method": "blob", "overrides": {"target_modules": ["no_such_layer"]}}])
+    assert _run(config, tmp_path / "out", data_dir, "--methods", "broken") == 1
+    err = capsys.readouterr().err
+    assert "cell broken | winogrande_s | seed 1 failed" in err and "no_such_layer" in err
+
+
+def test_grid_file_mistakes_are_one_line_errors(tmp_path, data_dir, capsys):
+    assert _run(_grid_file(tmp_path, methods=["mle", "blobb"]), tmp_path / "o", data_dir) == 1
+    assert "method must be one of" in capsys.readouterr().err
+    assert _run(_grid_file(tmp_path, base={**TINY, "prior_scael": 0.1}), tmp_path / "o", data_dir) == 1
+    assert "did you mean 'prior_scale'" in capsys.readouterr().err
+    assert _run(_grid_file(tmp_path, seedz=[1]), tmp_path / "o", data_dir) == 1
+    assert "unknown key 'seedz'" in capsys.readouterr().err
+
+
+def test_variants_and_extra_prediction_rows(tmp_path, data_dir):
+    grid = bench.load_grid(_grid_file(tmp_path, methods=[], variants=[
+        {"name": "blob_A", "method": "blob", "overrides": {"bayesian_factor": "A", "elbo": "meanfield"},
+         "predict": {"blob_A_N1": 1, "blob_A_N3": 3}}]), data_dir=str(data_dir), output_dir=tmp_path / "out")
+    cell = bench.cells_of(grid)[0]
+    cfg = cell.member_configs(grid.base)[0]
+    assert (cfg.bayesian_factor, cfg.elbo, cfg.method) == ("A", "meanfield", "blob")
+    rows = bench.run_grid(grid, progress=False)
+    assert [(r["method"], r["num_samples"]) for r in rows] == [("blob_A_N1", 1), ("blob_A_N3", 3)]
+
+
+def test_ood_grid_evaluates_the_same_runs_elsewhere_and_skips_missing_mmlu(tmp_path, data_dir, capsys):
+    if (Path(data_dir) / "mmlu").is_dir():
+        pytest.skip("the data folder has mmlu/: the skip message is not exercised")
+    config = _grid_file(tmp_path, name="ood", methods=[{"name": "ensemble", "method": "ensemble", "members": 2}],
+                        datasets=["openbookqa"], ood_datasets=["arc_easy", "mmlu_college_chemistry"])
+    assert _run(config, tmp_path / "out", data_dir) == 0
+    err = capsys.readouterr().err
+    assert "skipping mmlu_college_chemistry" in err and "mmlu/" in err
+    with open(tmp_path / "out" / "ood" / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["method"], r["eval_dataset"]) for r in rows} == {
+        (m, d) for m in ("ensemble", "ensemble_logitavg") for d in ("openbookqa", "arc_easy")}
+    assert all(r["dataset"] == "openbookqa" for r in rows)
+    md = (tmp_path / "out" / "ood" / "results.md").read_text()
+    assert "| method | openbookqa | arc_easy |" in md and "skipping mmlu_college_chemistry" in md
+    cell = tmp_path / "out" / "runs" / "openbookqa" / "ensemble" / "seed1"
+    for member in ("member0", "member1"):
+        assert (cell / member / "ood" / "arc_easy.json").is_file()
+    assert (tmp_path / "out" / "ood" / "plots" / "reliability_arc_easy__ensemble.png").is_file()
