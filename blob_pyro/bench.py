@@ -379,6 +379,27 @@ def train_member(cfg: TrainConfig, out, rows: dict[str, int], *, progress: bool 
     return metrics
 
 
+def _add_rows(run_dir: Path, cfg: TrainConfig, rows: dict[str, int], progress: bool) -> dict:
+    """Predict the rows a finished run lacks (loading it; no training); returns its updated metrics.json."""
+    from .data import load_split
+    from .runs import load_run
+
+    metrics = json.loads((run_dir / METRICS).read_text())
+    have = metrics.setdefault("bench", {}).setdefault("rows", {})
+    missing = {r: n for r, n in rows.items() if r not in have}
+    if not missing:
+        return metrics
+    run = load_run(run_dir)
+    split = load_split(cfg.dataset, "eval", cfg.data_dir, limit=cfg.eval_limit)
+    preds = _predict_rows(run, split, missing, progress)
+    labels, old = _load_predictions(run_dir / PREDICTIONS)
+    old.update({r: (p.probs, p.logits) for r, (p, _) in preds.items()})
+    _save_predictions(run_dir / PREDICTIONS, labels, old)
+    have.update({r: _row_metrics(p.probs, p.labels, missing[r], s, split) for r, (p, s) in preds.items()})
+    _write_json(run_dir / METRICS, metrics)
+    return metrics
+
+
 def ensemble_average(probs: list, logits: list | None = None) -> tuple:
     """(probability average, softmax of the logit average) of K members' (N, K) probs / (S, N, K) logits."""
     import torch
@@ -452,7 +473,22 @@ def _clear_unfinished(label: str, run_dir: Path) -> None:
 
 
 def is_finished(cell: Cell) -> bool:
+    """Trained and evaluated (metrics.json is written last)."""
     return (cell.dir / METRICS).is_file()
+
+
+def _rows_in(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    return data.get("bench", data).get("rows", {})
+
+
+def is_complete(cell: Cell, ood: Iterable[str] = ()) -> bool:
+    """Finished, with every prediction row the entry asks for, in-distribution and on each OOD dataset."""
+    wanted = list(cell.entry.predict)
+    paths = [cell.dir / METRICS] + [cell.dir / "ood" / f"{d}.json" for d in ood]
+    return all(all(r in _rows_in(path) for r in wanted) for path in paths)
 
 
 # ---- running a cell ---------------------------------------------------------------------------
@@ -466,8 +502,12 @@ def run_cell(cell: Cell, grid: Grid, *, progress: bool = True) -> dict:
     if is_finished(cell):
         for cfg, d in zip(configs, cell.member_dirs()):
             _check_finished(cell.label, d, cfg)
-        return json.loads((cell.dir / METRICS).read_text())
-    if not cell.entry.is_ensemble:
+        if not cell.entry.is_ensemble:  # another grid may ask for more prediction rows: add them, no retraining
+            return _add_rows(cell.dir, configs[0], cell.member_rows(configs[0]), progress)
+        metrics = json.loads((cell.dir / METRICS).read_text())
+        if all(r in metrics.get("bench", {}).get("rows", {}) for r in cell.entry.predict):
+            return metrics
+    elif not cell.entry.is_ensemble:
         _clear_unfinished(cell.label, cell.dir)
         return train_member(configs[0], cell.dir, cell.member_rows(configs[0]), progress=progress)
     cell.dir.mkdir(parents=True, exist_ok=True)
@@ -537,20 +577,24 @@ def _ood_member(run_dir: Path, cfg: TrainConfig, datasets: list[str], rows: dict
     from .data import load_split
     from .runs import load_run
 
-    todo = [d for d in datasets if not (run_dir / "ood" / f"{d}.json").is_file()]
-    if not todo:
-        return
-    run = load_run(run_dir)
-    (run_dir / "ood").mkdir(exist_ok=True)
-    for d in todo:
+    run = None
+    for d in datasets:
+        json_path, pred_path = run_dir / "ood" / f"{d}.json", run_dir / "ood" / f"{d}.safetensors"
+        have = json.loads(json_path.read_text())["rows"] if json_path.is_file() else {}
+        missing = {r: n for r, n in rows.items() if r not in have}
+        if not missing:
+            continue
+        if run is None:
+            run = load_run(run_dir)
+            (run_dir / "ood").mkdir(exist_ok=True)
         split = load_split(d, "eval", cfg.data_dir, limit=cfg.eval_limit)
         _retarget(run, split)
-        preds = _predict_rows(run, split, rows, progress)
-        labels = next(iter(preds.values()))[0].labels
-        _save_predictions(run_dir / "ood" / f"{d}.safetensors", labels,
-                          {r: (p.probs, p.logits) for r, (p, _) in preds.items()})
-        _write_json(run_dir / "ood" / f"{d}.json",
-                    {"rows": {r: _row_metrics(p.probs, p.labels, rows[r], s, split) for r, (p, s) in preds.items()}})
+        preds = _predict_rows(run, split, missing, progress)
+        labels, old = _load_predictions(pred_path) if have else (next(iter(preds.values()))[0].labels, {})
+        old.update({r: (p.probs, p.logits) for r, (p, _) in preds.items()})
+        _save_predictions(pred_path, labels, old)
+        have.update({r: _row_metrics(p.probs, p.labels, missing[r], s, split) for r, (p, s) in preds.items()})
+        _write_json(json_path, {"rows": have})
 
 
 def run_ood(cell: Cell, grid: Grid, datasets: list[str], *, progress: bool = True) -> None:
@@ -561,7 +605,7 @@ def run_ood(cell: Cell, grid: Grid, datasets: list[str], *, progress: bool = Tru
         return
     for d in datasets:
         target = cell.dir / "ood" / f"{d}.json"
-        if target.is_file():
+        if target.is_file() and all(r in json.loads(target.read_text())["rows"] for r in cell.entry.predict):
             continue
         member_preds = [_load_predictions(m / "ood" / f"{d}.safetensors") for m in cell.member_dirs()]
         seconds = [json.loads((m / "ood" / f"{d}.json").read_text())["rows"]["member"]["eval_seconds"]
@@ -592,7 +636,7 @@ def run_grid(grid: Grid, *, progress: bool = True, keep_going: bool = False) -> 
     for i, cell in enumerate(cells, 1):
         tag = f"[{i}/{len(cells)}] {cell.label}"
         done = is_finished(cell)
-        if done and all((cell.dir / "ood" / f"{d}.json").is_file() for d in ood):
+        if is_complete(cell, ood):
             _check_cell(cell, grid)
             _say(f"{tag}: finished earlier, skipped")
             continue
@@ -663,7 +707,10 @@ def collect_rows(grid: Grid, ood: list[str] | None = None) -> list[dict]:
             if path.is_file():
                 sources.append((d, json.loads(path.read_text())["rows"]))
         for eval_dataset, rows in sources:
-            for row, m in rows.items():
+            for row in cell.entry.predict:  # only the rows this grid asks for, in its order
+                if row not in rows:
+                    continue
+                m = rows[row]
                 out.append({**common, "method": row, "eval_dataset": eval_dataset,
                             "num_samples": m.get("num_samples"), "num_examples": m.get("num_examples"),
                             "eval_seconds": m.get("eval_seconds"), **{k: m[k] for k in METRIC_NAMES}})
@@ -991,8 +1038,10 @@ def main(argv: list[str] | None = None) -> int:
             rows = report(grid)
             print(f"{len(rows)} rows -> {grid.report_dir}")
         elif args.dry_run:
+            ood, _ = available_ood(grid) if grid.ood_datasets else ([], [])
             for i, cell in enumerate(cells_of(grid), 1):
-                print(f"[{i}] {cell.label}: {'done' if is_finished(cell) else 'to do'}  {cell.dir}")
+                status = "done" if is_complete(cell, ood) else "trained, predictions to add" if is_finished(cell) else "to do"
+                print(f"[{i}] {cell.label}: {status}  {cell.dir}")
         else:
             run_grid(grid, progress=not args.quiet, keep_going=args.keep_going)
             print((grid.report_dir / "results.md").read_text() if (grid.report_dir / "results.md").is_file() else "")

@@ -107,7 +107,7 @@ def test_grid_file_mistakes_are_one_line_errors(tmp_path, data_dir, capsys):
     assert "unknown key 'seedz'" in capsys.readouterr().err
 
 
-def test_variants_and_extra_prediction_rows(tmp_path, data_dir):
+def test_variants_and_extra_prediction_rows(tmp_path, data_dir, monkeypatch):
     grid = bench.load_grid(_grid_file(tmp_path, methods=[], variants=[
         {"name": "blob_A", "method": "blob", "overrides": {"bayesian_factor": "A", "elbo": "meanfield"},
          "predict": {"blob_A_N1": 1, "blob_A_N3": 3}}]), data_dir=str(data_dir), output_dir=tmp_path / "out")
@@ -116,6 +116,13 @@ def test_variants_and_extra_prediction_rows(tmp_path, data_dir):
     assert (cfg.bayesian_factor, cfg.elbo, cfg.method) == ("A", "meanfield", "blob")
     rows = bench.run_grid(grid, progress=False)
     assert [(r["method"], r["num_samples"]) for r in rows] == [("blob_A_N1", 1), ("blob_A_N3", 3)]
+    # another grid asks the same trained run for one more row: predicted from the saved run, no training
+    grid.entries[0].predict = {"blob_A_N1": 1, "blob_A_mean": 0}
+    monkeypatch.setattr(bench, "train_member", lambda *a, **k: pytest.fail("a finished run was retrained"))
+    rows = bench.run_grid(grid, progress=False)
+    assert [(r["method"], r["num_samples"]) for r in rows] == [("blob_A_N1", 1), ("blob_A_mean", 0)]
+    saved = json.loads((cell.dir / "metrics.json").read_text())["bench"]["rows"]
+    assert set(saved) == {"blob_A_N1", "blob_A_N3", "blob_A_mean"}
 
 
 def test_ood_grid_evaluates_the_same_runs_elsewhere_and_skips_missing_mmlu(tmp_path, data_dir, capsys):
