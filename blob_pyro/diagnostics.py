@@ -181,7 +181,11 @@ def vi_pareto_k(model, guide, data, *, num_samples: int = 100, subsample_size: i
 
 # --------------------------------------------------------------------------------------------- predictive
 def loo_summary(idata) -> dict:
-    """PSIS-LOO of the predictive: elpd, its SE, p_loo and the count of examples per k̂ band."""
+    """PSIS-LOO of the predictive: elpd, its SE, p_loo and the count of examples per k̂ band.
+
+    PSIS fits its Pareto tail to the largest min(0.2·S, 3·√S) weights and needs at least 5 of them:
+    with S ≤ 20 draws every per-example k̂ is inf (ArviZ's "cannot fit"); use S ≥ 30.
+    """
     res = arviz_io.loo(idata, pointwise=True)
     k = np.asarray(res.pareto_k).ravel()
     return {"elpd_loo": float(res["elpd_loo"]), "se": float(res["se"]), "p_loo": float(res["p_loo"]),
