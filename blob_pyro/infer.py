@@ -18,6 +18,20 @@ Paper path (``preset="paper"``, §1.5 of the reference): per step, AdamW(lr, eps
 NLL for the means and the deterministic factor; then, with the means already updated, plain SGD(kl_lr)
 on π·KL for every parameter — so rho is stepped by SGD on NLL + π·KL (its NLL gradient is never
 cleared by the first optimiser), exactly as the official code.
+
+One step on its own (benchmarks, custom loops) comes from :func:`make_stepper`::
+
+    stepper = make_stepper(model, guide, max_steps=200, lr=1e-3)
+    record = stepper.step(batch, kl_weight=1 / 640, num_data=640)      # {"loss", "nll", "kl"}
+
+Several processes (``accelerate launch`` / ``torchrun``): ``fit`` joins the process group from the
+environment, gives each process its slice of every global batch of ``batch_size × world_size``
+examples, averages gradients before each optimiser step and averages the logged numbers; see
+:mod:`blob_pyro.distributed`.
+
+Mixed precision (``autocast_dtype``): the network runs under autocast, while the log-densities of the
+latent sites (the KL part of the ELBO) are computed in float64 on the float32 variational parameters,
+as the official code computes its KL (:class:`Float64Latents`).
 """
 
 from __future__ import annotations
@@ -26,18 +40,24 @@ import contextlib
 import math
 import re
 import time
-from typing import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import pyro
 import torch
+import pyro.distributions as dist
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
-from torch.distributions import kl_divergence
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
+from torch.distributions import kl_divergence, register_kl
 
+from . import distributed
 from .kl import make_kl_schedule, scale_latents
 from .reparam import flipout
 
-__all__ = ["fit", "warmup_linear", "batches", "TrainingError", "kl_terms"]
+__all__ = ["fit", "make_stepper", "Stepper", "warmup_linear", "batches", "TrainingError", "kl_terms",
+           "Float64Latents"]
 
 
 class TrainingError(RuntimeError):
@@ -110,6 +130,99 @@ def kl_terms(model_trace, guide_trace) -> torch.Tensor:
     return torch.as_tensor(total)
 
 
+# ---- float64 latent densities under mixed precision -------------------------------------------
+def _as_float64(d):
+    """``d`` with float64 parameters (same family), or None for a family not handled here."""
+    if isinstance(d, dist.Independent):
+        inner = _as_float64(d.base_dist)
+        return None if inner is None else dist.Independent(inner, d.reinterpreted_batch_ndims)
+    if isinstance(d, dist.TransformedDistribution):
+        inner = _as_float64(d.base_dist)
+        return None if inner is None else dist.TransformedDistribution(inner, d.transforms)
+    if isinstance(d, dist.Normal):
+        return dist.Normal(d.loc.double(), d.scale.double())
+    if isinstance(d, dist.Laplace):
+        return dist.Laplace(d.loc.double(), d.scale.double())
+    if isinstance(d, dist.StudentT):
+        return dist.StudentT(d.df.double(), d.loc.double(), d.scale.double())
+    if isinstance(d, dist.LowRankMultivariateNormal):
+        return dist.LowRankMultivariateNormal(d.loc.double(), d.cov_factor.double(), d.cov_diag.double())
+    if isinstance(d, dist.Delta):
+        return dist.Delta(d.v.double(), d.log_density.double(), event_dim=d.event_dim)
+    return None
+
+
+class Float64Density(dist.TorchDistribution):
+    """Samples exactly as ``base`` (same dtype, same draws); ``log_prob`` and KL are computed in float64.
+
+    Parameters stay float32 (gradients flow through the casts); families that :func:`_as_float64`
+    does not know keep their own dtype.
+    """
+
+    _wraps_density = True  # blob_pyro.reparam looks through this wrapper for the draw's mean
+    arg_constraints: dict = {}
+
+    def __init__(self, base):
+        self.base_dist = base
+        super().__init__(base.batch_shape, base.event_shape, validate_args=False)
+
+    @property
+    def has_rsample(self):
+        return self.base_dist.has_rsample
+
+    @property
+    def support(self):
+        return self.base_dist.support
+
+    @property
+    def mean(self):
+        return self.base_dist.mean
+
+    @property
+    def variance(self):
+        return self.base_dist.variance
+
+    def sample(self, sample_shape=torch.Size()):
+        return self.base_dist.sample(sample_shape)
+
+    def rsample(self, sample_shape=torch.Size()):
+        return self.base_dist.rsample(sample_shape)
+
+    def log_prob(self, value):
+        wide = _as_float64(self.base_dist)
+        if wide is None:
+            return self.base_dist.log_prob(value)
+        return wide.log_prob(value.double())
+
+    def expand(self, batch_shape, _instance=None):
+        return Float64Density(self.base_dist.expand(batch_shape))
+
+
+@register_kl(Float64Density, Float64Density)
+def _kl_float64(p, q):
+    wp, wq = _as_float64(p.base_dist), _as_float64(q.base_dist)
+    if wp is None or wq is None:
+        return kl_divergence(p.base_dist, q.base_dist)
+    return kl_divergence(wp, wq)
+
+
+class Float64Latents(Messenger):
+    """Wrap the distribution of every latent (unobserved) sample site in :class:`Float64Density`.
+
+    Used around the SVI step under autocast so that the KL part of the ELBO (log q − log p of the
+    draws, or the closed-form KL of ``TraceMeanField_ELBO``) is summed in float64::
+
+        with Float64Latents(), torch.autocast("cuda", dtype=torch.bfloat16):
+            svi.step(batch)
+    """
+
+    def _pyro_sample(self, msg):
+        if msg["is_observed"] or site_is_subsample(msg) or isinstance(msg["fn"], Float64Density):
+            return
+        if isinstance(msg["fn"], torch.distributions.Distribution):
+            msg["fn"] = Float64Density(msg["fn"])
+
+
 def _nll(model_trace) -> torch.Tensor:
     obs = model_trace.nodes["obs"]
     return -obs["fn"].log_prob(obs["value"]).mean()
@@ -119,66 +232,118 @@ def _is_scale_param(name: str) -> bool:
     return any(tag in name for tag in (".rho.", "scales", "cov_factor"))
 
 
+@dataclass
+class Stepper:
+    """One training step of a (model, guide) pair, and its optimiser state (see :func:`make_stepper`).
+
+    ``step(batch, kl_weight, num_data)`` runs guide and model on one collated batch, steps the optimisers
+    and returns ``{"loss", "nll", "kl"}`` (loss per example, NLL the batch mean, KL unscaled).
+    ``current_lr()`` gives the learning rates, ``save()``/``load(state)`` the optimiser and scheduler state.
+    """
+
+    step: Callable[[dict, float, int], dict]
+    current_lr: Callable[[], dict]
+    save: Callable[[], Any]
+    load: Callable[[Any], None]
+
+
+def make_stepper(model, guide, *, max_steps: int, lr: float = 5e-4, scale_lr: float | None = None,
+                 warmup_ratio: float = 0.06, weight_decay: float = 0.0, elbo: str = "trace",
+                 use_flipout: bool = True, flipout_per: str = "token", preset: str | None = None,
+                 kl_lr: float = 0.01, autocast_dtype: torch.dtype | None = None, device=None) -> Stepper:
+    """The optimisation step ``fit`` uses, on its own (same arguments as :func:`fit`)::
+
+        stepper = make_stepper(model, guide, max_steps=100, lr=1e-3)
+        batch = model.head.collate(examples[:16])
+        record = stepper.step(batch, kl_weight=1 / 640, num_data=640)
+
+    Under several processes (:mod:`blob_pyro.distributed`) gradients are averaged over processes before
+    each optimiser step; the returned record is this process's.
+    """
+    if elbo not in ("trace", "meanfield"):
+        raise ValueError(f"elbo must be 'trace' or 'meanfield', got {elbo!r}")
+    device = device or next(model.network.parameters()).device
+    scale_lr = lr if scale_lr is None else scale_lr
+    flip = (lambda: flipout(flipout_per)) if use_flipout else contextlib.nullcontext
+    if autocast_dtype is not None:
+        device_type = torch.device(device).type
+
+        @contextlib.contextmanager
+        def amp():
+            with Float64Latents(), torch.autocast(device_type=device_type, dtype=autocast_dtype):
+                yield
+    else:
+        amp = contextlib.nullcontext
+    if preset == "paper":
+        return _paper_stepper(model, guide, lr=lr, kl_lr=kl_lr, max_steps=max_steps, warmup_ratio=warmup_ratio,
+                              flip=flip, amp=amp, device=device)
+    if preset is not None:
+        raise ValueError(f"unknown preset {preset!r}; the only preset is 'paper'")
+    return _svi_stepper(model, guide, lr=lr, scale_lr=scale_lr, weight_decay=weight_decay, max_steps=max_steps,
+                        warmup_ratio=warmup_ratio, elbo=elbo, flip=flip, amp=amp)
+
+
 def fit(model, guide, train, *, max_steps: int, batch_size: int = 16, lr: float = 5e-4, scale_lr: float | None = None,
         warmup_ratio: float = 0.06, weight_decay: float = 0.0, elbo: str = "trace", kl_schedule: str = "standard",
         kl_multiplier: float = 1.0, gamma: float = 8.0, use_flipout: bool = True, flipout_per: str = "token",
-        preset: str | None = None, kl_lr: float = 0.01, seed: int = 0, world_size: int = 1, progress: bool = True,
-        device=None, autocast_dtype: torch.dtype | None = None, start_step: int = 0, state=None,
-        callback: Callable[[dict, dict], None] | None = None) -> list[dict]:
+        preset: str | None = None, kl_lr: float = 0.01, seed: int = 0, world_size: int | None = None,
+        progress: bool = True, device=None, autocast_dtype: torch.dtype | None = None, start_step: int = 0,
+        state=None, callback: Callable[[dict, dict], None] | None = None) -> list[dict]:
     """Fit ``guide`` to the posterior of ``model`` on ``train`` (a TaskSplit or list of examples).
 
+    :param batch_size: examples per step *per process*; with K processes a step sees K·batch_size examples.
+    :param world_size: number of processes; default (and the only accepted value when given) is the size of
+        the ``torch.distributed`` process group, joined from the launcher's environment (1 without one).
+        Every process passes the whole training set; N is its size.
     :param start_step: steps already done (resuming); training continues with step ``start_step + 1``.
     :param state: when resuming, ``{"optimizer_state": ..., "rng_state": ...}`` from a checkpoint; the
         RNGs are restored after the optimisers are set up, just before the first step.
     :param callback: called after every step with (record, state) where ``state`` holds what a
         checkpoint needs (``step``, and ``optimizer_state``: a function returning the optimiser and
-        scheduler state); used by :func:`blob_pyro.runs.train_run` for checkpoints and Ctrl-C.
+        scheduler state); used by :func:`blob_pyro.runs.train_run` for checkpoints and Ctrl-C. Called on
+        every process, with the record averaged over processes.
     :returns: list of per-step records.
     """
     if max_steps <= 0:
         raise ValueError(f"max_steps must be > 0, got {max_steps}")
+    distributed.init_from_env(device or next(model.network.parameters()).device)
+    procs, rank = distributed.world_size(), distributed.rank()
+    if world_size is not None and int(world_size) != procs:
+        raise ValueError(f"world_size={world_size} but this process group has {procs} process(es); "
+                         f"start the processes with accelerate launch or torchrun (see blob_pyro.distributed)")
     examples = list(getattr(train, "examples", train))
-    num_data = len(examples) * world_size
+    num_data = len(examples)  # the global N: every process holds the whole training set
     model.num_data = num_data
-    schedule = make_kl_schedule(kl_schedule, num_data, batch_size, world_size=world_size, gamma=gamma,
+    schedule = make_kl_schedule(kl_schedule, num_data, batch_size, world_size=procs, gamma=gamma,
                                 multiplier=kl_multiplier)
-    scale_lr = lr if scale_lr is None else scale_lr
     device = device or next(model.network.parameters()).device
     head = model.head
-    stream = batches(examples, batch_size, seed=seed, start=start_step)
-    if elbo not in ("trace", "meanfield"):
-        raise ValueError(f"elbo must be 'trace' or 'meanfield', got {elbo!r}")
-    flip = (lambda: flipout(flipout_per)) if use_flipout else contextlib.nullcontext
-    amp = (lambda: torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
+    stream = batches(examples, batch_size * procs, seed=seed, start=start_step)
 
     model.network.eval()  # frozen backbone: no backbone dropout; LoRA dropout is switched on separately
     _lora_dropout_train(model.network)
 
-    if preset == "paper":
-        step_fn, lrs = _paper_stepper(model, guide, lr=lr, kl_lr=kl_lr, max_steps=max_steps,
-                                      warmup_ratio=warmup_ratio, flip=flip, amp=amp, first_batch=None,
-                                      head=head, examples=examples, device=device)
-    elif preset is None:
-        step_fn, lrs = _svi_stepper(model, guide, lr=lr, scale_lr=scale_lr, weight_decay=weight_decay,
-                                    max_steps=max_steps, warmup_ratio=warmup_ratio, elbo=elbo, flip=flip, amp=amp)
-    else:
-        raise ValueError(f"unknown preset {preset!r}; the only preset is 'paper'")
+    stepper = make_stepper(model, guide, max_steps=max_steps, lr=lr, scale_lr=scale_lr, warmup_ratio=warmup_ratio,
+                           weight_decay=weight_decay, elbo=elbo, use_flipout=use_flipout, flipout_per=flipout_per,
+                           preset=preset, kl_lr=kl_lr, autocast_dtype=autocast_dtype, device=device)
+    if procs > 1:
+        _same_start(model, guide)
     if state is not None and "optimizer_state" in state:
-        lrs["load"](state["optimizer_state"])
+        stepper.load(state["optimizer_state"])
     if state is not None and "rng_state" in state:  # resuming: draw exactly what the interrupted run would have
         from .checkpoint import set_rng_state
 
         set_rng_state(state["rng_state"])
 
     log = []
-    bar = _progress(range(start_step + 1, max_steps + 1), progress, "train")
+    bar = _progress(range(start_step + 1, max_steps + 1), progress and rank == 0, "train")
     for step in bar:
         _, chunk = next(stream)
-        batch = head.collate(chunk, device)
+        batch = head.collate(chunk[rank * batch_size:(rank + 1) * batch_size], device)
         t0 = time.perf_counter()
         w = schedule.weight(step)
         try:
-            record = step_fn(batch, w, num_data)
+            record = stepper.step(batch, w, num_data)
         except ValueError as err:  # distribution validation refusing NaN/inf logits or parameters
             if "invalid values" not in str(err):
                 raise
@@ -187,15 +352,32 @@ def fit(model, guide, train, *, max_steps: int, batch_size: int = 16, lr: float 
             what = f"{m.group(1)} of a {m.group(2)}" if m else first[:120]
             raise TrainingError(f"non-finite loss at step {step} (NaN/inf in {what}); training diverged, "
                                 f"try a smaller lr") from err
-        record.update(step=step, kl_weight=w, lr=lrs["current"](), seconds=time.perf_counter() - t0)
+        if procs > 1:
+            record["loss"], record["nll"], record["kl"] = distributed.mean_of(
+                [record["loss"], record["nll"], record["kl"]])
+        record.update(step=step, kl_weight=w, lr=stepper.current_lr(), seconds=time.perf_counter() - t0)
         if not all(math.isfinite(record[k]) for k in ("loss", "nll", "kl")):
             raise TrainingError(f"non-finite loss at step {step} (loss={record['loss']}, nll={record['nll']}, kl={record['kl']})")
         log.append(record)
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(nll=f"{record['nll']:.3f}", kl=f"{record['kl']:.3g}")
         if callback is not None:
-            callback(record, {"step": step, "optimizer_state": lrs["save"]})
+            callback(record, {"step": step, "optimizer_state": stepper.save})
     return log
+
+
+def _same_start(model, guide) -> None:
+    """Register every parameter (without touching the RNG streams) and copy rank 0's values to all processes."""
+    from .checkpoint import get_rng_state, set_rng_state
+
+    rng = get_rng_state()
+    batch = model.example_batch()
+    with torch.no_grad():
+        guide_trace = poutine.trace(guide).get_trace(batch)
+        poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(batch)
+    set_rng_state(rng)
+    params = dict(pyro.get_param_store().named_parameters())
+    distributed.broadcast_tensors([params[name] for name in sorted(params)])
 
 
 def _lora_dropout_train(network) -> None:
@@ -212,45 +394,151 @@ def _progress(iterable, enabled: bool, desc: str):
     return tqdm(iterable, desc=desc, dynamic_ncols=True, leave=False)
 
 
-def _svi_stepper(model, guide, *, lr, scale_lr, weight_decay, max_steps, warmup_ratio, elbo, flip, amp):
-    def optim_args(module_name, param_name):
-        full = f"{module_name}.{param_name}" if module_name else param_name
-        return {"lr": scale_lr if _is_scale_param("." + full + ".") else lr, "weight_decay": weight_decay}
+class GroupedAdamW(pyro.optim.PyroOptim):
+    """Pyro-compatible optimiser: one multi-tensor ``torch.optim.AdamW`` over every parameter SVI steps.
 
-    optim = pyro.optim.LambdaLR({"optimizer": torch.optim.AdamW, "optim_args": optim_args,
-                                 "lr_lambda": warmup_linear(max_steps, warmup_ratio)})
+    Same update as ``pyro.optim.LambdaLR({"optimizer": AdamW, ...})`` with per-parameter learning rates,
+    which builds one AdamW and one scheduler *per parameter* and steps them one by one (about 40
+    optimiser calls per step for MiniLM, each a handful of kernels on a GPU). Here the parameters
+    fall into two groups, ``lr`` for means and deterministic parameters and ``scale_lr`` for std
+    parameters, under one ``LambdaLR``::
+
+        optim = GroupedAdamW(lr=1e-3, scale_lr=1e-3, weight_decay=0.0, lr_lambda=warmup_linear(200))
+        svi = SVI(model, guide, optim, Trace_ELBO())
+        svi.step(batch); optim.step()          # the optimiser step, then the schedule
+
+    ``get_state``/``set_state`` name parameters by their param-store name (state set before the first
+    step is applied when the optimiser is created); ``set_state`` also accepts the per-parameter state
+    that ``pyro.optim.PyroOptim.get_state`` wrote (checkpoints of earlier versions).
+    """
+
+    FORMAT = "blob_pyro.grouped_adamw"
+
+    def __init__(self, *, lr: float, scale_lr: float, weight_decay: float, lr_lambda: Callable[[int], float]):
+        super().__init__(torch.optim.AdamW, {"lr": lr, "weight_decay": weight_decay})
+        self.lr, self.scale_lr, self.weight_decay, self.lr_lambda = lr, scale_lr, weight_decay, lr_lambda
+        self.optimizer: torch.optim.AdamW | None = None
+        self.scheduler = None
+        self.names: list[str] = []
+        self._pending = None
+
+    def _kind(self, name: str) -> int:
+        return 1 if _is_scale_param("." + name + ".") else 0
+
+    def _create(self, params: list[torch.Tensor]) -> None:
+        store = pyro.get_param_store()
+        by_name = {store.param_name(p): p for p in params}
+        saved = list(self._pending.get("params", [])) if isinstance(self._pending, dict) and \
+            self._pending.get("format") == self.FORMAT else []
+        self.names = [n for n in saved if n in by_name] + sorted(n for n in by_name if n not in saved)
+        groups = [{"params": [], "lr": self.lr, "weight_decay": self.weight_decay},
+                  {"params": [], "lr": self.scale_lr, "weight_decay": self.weight_decay}]
+        for name in self.names:
+            groups[self._kind(name)]["params"].append(by_name[name])
+        fused = all(p.is_cuda and p.dtype == torch.float32 for p in params) or None
+        self.optimizer = torch.optim.AdamW(groups, fused=fused)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_lambda)
+        if self._pending is not None:
+            state, self._pending = self._pending, None
+            self._load(state)
+
+    def __call__(self, params, *args, **kwargs) -> None:
+        params = list(params)
+        if self.optimizer is None:
+            self._create(params)
+        else:
+            store = pyro.get_param_store()
+            known = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+            for p in params:
+                if id(p) not in known:  # a parameter first seen after step 1
+                    name = store.param_name(p)
+                    self.optimizer.param_groups[self._kind(name)]["params"].append(p)
+                    self.names.append(name)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        """Advance the learning-rate schedule (once per training step, after the optimiser step)."""
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+    def current_lr(self) -> dict:
+        if self.scheduler is None:
+            return {}
+        lrs = self.scheduler.get_last_lr()
+        return {key: lrs[i] for i, key in enumerate(("loc", "scale")) if self.optimizer.param_groups[i]["params"]}
+
+    def get_state(self) -> dict:
+        if self.optimizer is None:
+            return self._pending if self._pending is not None else {}
+        return {"format": self.FORMAT, "params": list(self.names), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict()}
+
+    def set_state(self, state: dict) -> None:
+        if self.optimizer is None:
+            self._pending = state
+        else:
+            self._load(state)
+
+    def _load(self, state: dict) -> None:
+        if not state:
+            return
+        if state.get("format") != self.FORMAT:
+            state = self._from_per_parameter(state)
+        if list(state["params"]) != self.names:
+            raise TrainingError("the saved optimiser state lists other parameters than this model has")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def _from_per_parameter(self, state: dict) -> dict:
+        """Convert ``PyroOptim.get_state()`` ({name: {"optimizer", "scheduler"}}) to this class's state."""
+        missing = [n for n in self.names if n not in state]
+        if missing:
+            raise TrainingError(f"the saved optimiser state has no entry for parameter {missing[0]!r}")
+        current = self.optimizer.state_dict()
+        per_param = {}
+        order = [n for g in range(2) for n in self.names if self._kind(n) == g]  # optimiser index order
+        for i, name in enumerate(order):
+            old = state[name]["optimizer"]["state"]
+            if old:
+                per_param[i] = next(iter(old.values()))
+        sched = next(iter(state.values()))["scheduler"]
+        epoch = int(sched.get("last_epoch", 0))
+        scheduler = self.scheduler.state_dict()
+        scheduler.update({k: sched[k] for k in ("last_epoch", "_step_count") if k in sched})
+        scheduler["_last_lr"] = [group["initial_lr"] * self.lr_lambda(epoch) for group in current["param_groups"]]
+        groups = [dict(group, lr=lr) for group, lr in zip(current["param_groups"], scheduler["_last_lr"])]
+        return {"format": self.FORMAT, "params": list(self.names), "scheduler": scheduler,
+                "optimizer": {"state": per_param, "param_groups": groups}}
+
+
+def _svi_stepper(model, guide, *, lr, scale_lr, weight_decay, max_steps, warmup_ratio, elbo, flip, amp) -> Stepper:
+    optim = GroupedAdamW(lr=lr, scale_lr=scale_lr, weight_decay=weight_decay,
+                         lr_lambda=warmup_linear(max_steps, warmup_ratio))
     loss = RecordingTraceELBO() if elbo == "trace" else RecordingTraceMeanFieldELBO()
-    svi = SVI(model, guide, optim, loss=loss)
+    svi = SVI(model, guide, distributed.GradientAveraging(optim) if distributed.is_distributed() else optim, loss=loss)
 
     def step(batch, w, num_data):
         with scale_latents(num_data * w), flip(), amp():
             value = svi.step(batch)
-        optim.step()  # advance every per-parameter LR schedule
+        optim.step()  # advance the learning-rate schedule
         model_trace, guide_trace = loss.last_traces
         with torch.no_grad():
             nll = _nll(model_trace).item()
             kl = kl_terms(model_trace, guide_trace).item()
         return {"loss": value / num_data, "nll": nll, "kl": kl}
 
-    def current():
-        out = {}
-        store = pyro.get_param_store()
-        for param, sched in optim.optim_objs.items():
-            key = "scale" if _is_scale_param("." + store.param_name(param) + ".") else "loc"
-            out.setdefault(key, sched.get_last_lr()[0])
-        return out
-
-    return step, {"current": current, "save": optim.get_state, "load": optim.set_state}
+    return Stepper(step, optim.current_lr, optim.get_state, optim.set_state)
 
 
-def _paper_stepper(model, guide, *, lr, kl_lr, max_steps, warmup_ratio, flip, amp, first_batch, head, examples, device):
+def _paper_stepper(model, guide, *, lr, kl_lr, max_steps, warmup_ratio, flip, amp, device) -> Stepper:
     from .guides import BlobGuide
 
     if not isinstance(guide, BlobGuide) or guide.covariance != "diagonal":
         raise ValueError("the paper preset needs the 'blob' guide (mean-field Normal)")
     # register every parameter once (guide params and the network's deterministic ones)
     with torch.no_grad():
-        probe = head.collate(examples[:1], device)
+        probe = model.example_batch()
         poutine.trace(poutine.replay(model, poutine.trace(guide).get_trace(probe))).get_trace(probe)
     store = pyro.get_param_store()
     named = dict(store.named_parameters())
@@ -279,6 +567,7 @@ def _paper_stepper(model, guide, *, lr, kl_lr, max_steps, warmup_ratio, flip, am
             model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(batch)
         nll = _nll(model_trace)
         nll.backward()
+        distributed.average_gradients(means + rho)  # the NLL part; the KL part is the same on every process
         opt1.step()
         opt1.zero_grad()  # rho keeps its NLL gradient, as in the official code
         sched1.step()
@@ -301,5 +590,4 @@ def _paper_stepper(model, guide, *, lr, kl_lr, max_steps, warmup_ratio, flip, am
         opt1.load_state_dict(state["opt1"]); opt2.load_state_dict(state["opt2"])
         sched1.load_state_dict(state["sched1"]); sched2.load_state_dict(state["sched2"])
 
-    return step, {"current": lambda: {"adamw": sched1.get_last_lr()[0], "sgd": sched2.get_last_lr()[0]},
-                  "save": save, "load": load}
+    return Stepper(step, lambda: {"adamw": sched1.get_last_lr()[0], "sgd": sched2.get_last_lr()[0]}, save, load)

@@ -21,11 +21,13 @@ A run directory::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import random
 import shutil
+import signal
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -68,9 +70,10 @@ def set_seed(seed: int) -> None:
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """``auto`` -> cuda if present, else cpu; under a multi-process launcher ``cuda`` means ``cuda:LOCAL_RANK``."""
+    from .distributed import device_for
+
+    return device_for(name)
 
 
 def _make_head(kind: str, tokenizer, num_classes: int, option_words, max_length: int):
@@ -86,9 +89,11 @@ def build_model(cfg: TrainConfig, *, num_data: int = 1, adapter_dir: str | os.Pa
     from .backbone import default_targets, load_backbone
 
     num_classes, option_words = dataset_info(cfg.dataset)
+    device = pick_device(cfg.device)
+    quantised = cfg.load_in_8bit or cfg.load_in_4bit
     hf_model, tokenizer, kind = load_backbone(
         cfg.model, num_classes=num_classes, head=cfg.head, trust_remote_code=cfg.trust_remote_code,
-        load_in_8bit=cfg.load_in_8bit, load_in_4bit=cfg.load_in_4bit)
+        load_in_8bit=cfg.load_in_8bit, load_in_4bit=cfg.load_in_4bit, device=device if quantised else None)
     targets = list(cfg.target_modules) if cfg.target_modules else default_targets(hf_model.config)
     modules_to_save = ["classifier"] if kind != "causal_lm" else None
     if adapter_dir is None:
@@ -103,7 +108,12 @@ def build_model(cfg: TrainConfig, *, num_data: int = 1, adapter_dir: str | os.Pa
             msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise RunError(f"cannot load the adapter in {adapter_dir}: {msg}") from err
         attach_variants(network)
-    network.to(pick_device(cfg.device))
+    if not quantised:  # bitsandbytes models are placed at load time and refuse .to()
+        network.to(device)
+    if cfg.gradient_checkpointing:
+        from .backbone import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(network)
     head = _make_head(kind, tokenizer, num_classes, option_words, cfg.max_length)
     prior = make_prior(cfg.prior, cfg.prior_scale, **({"df": cfg.prior_df} if cfg.prior == "student_t" else {}))
     return BlobModel(network, head, bayesian_factor=cfg.bayesian_factor, prior=prior, num_data=num_data)
@@ -292,15 +302,30 @@ def _check_adapter(adapter: Path, cfg: TrainConfig) -> None:
 
 # ---- train and evaluate --------------------------------------------------------------------
 def evaluate(run: Run, data=None, *, num_samples: int | None = None, progress: bool = True) -> dict:
+    """Metrics of the posterior predictive on ``data`` (default: the run's eval split).
+
+    Under several processes each one predicts every K-th example and the predictions are gathered, so
+    every process returns the metrics of the whole split.
+    """
+    from . import distributed
     from .metrics import compute_metrics
     from .predictive import predict
 
     cfg = run.config
     data = data if data is not None else run.eval
     s = cfg.num_samples if num_samples is None else num_samples
-    out = predict(run.model, run.guide, data, num_samples=s, batch_size=cfg.eval_batch_size,
+    examples = list(getattr(data, "examples", data))
+    procs, rank = distributed.world_size(), distributed.rank()
+    out = predict(run.model, run.guide, examples[rank::procs], num_samples=s, batch_size=cfg.eval_batch_size,
                   use_flipout=cfg.flipout, flipout_per=cfg.flipout_per, sample_batched=cfg.sample_batched,
-                  progress=progress, autocast_dtype=torch.bfloat16 if cfg.bf16 else None)
+                  progress=progress and rank == 0, autocast_dtype=torch.bfloat16 if cfg.bf16 else None)
+    if procs > 1:
+        parts = distributed.gather_objects((out.probs.cpu(), out.labels.cpu()))
+        probs = torch.empty(len(examples), out.probs.shape[-1], dtype=out.probs.dtype)
+        labels = torch.empty(len(examples), dtype=out.labels.dtype)
+        for r, (p, y) in enumerate(parts):
+            probs[r::procs], labels[r::procs] = p, y
+        out.probs, out.labels = probs, labels
     metrics = compute_metrics(out.probs, out.labels)
     metrics.update(dataset=data.dataset, split=data.split, num_samples=s, num_examples=len(data))
     return metrics
@@ -312,21 +337,34 @@ def train_run(cfg: TrainConfig, out_dir, *, progress: bool = True, overwrite: bo
     An existing non-empty ``out_dir`` is refused unless ``overwrite``, and even then only a blob_pyro run
     folder (one with config.json) is replaced. Nothing on disk changes before the config, data and model
     have loaded.
+
+    Under a multi-process launcher (``accelerate launch``, ``torchrun``) every process trains and
+    evaluates; only rank 0 checks and writes ``out_dir``.
     """
+    from . import distributed
+
+    distributed.init_from_env(cfg.device)
+    main = distributed.is_main()
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    problem = None
+    if main and out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
-            raise RunError(f"output folder {out} exists and is not empty (pass --overwrite to replace it)")
-        if not (out / "config.json").is_file():
-            raise RunError(f"output folder {out} is not a blob_pyro run folder (no config.json); "
-                           f"refusing to delete it even with --overwrite")
+            problem = f"output folder {out} exists and is not empty (pass --overwrite to replace it)"
+        elif not (out / "config.json").is_file():
+            problem = (f"output folder {out} is not a blob_pyro run folder (no config.json); "
+                       f"refusing to delete it even with --overwrite")
+    problem = distributed.broadcast_object(problem)
+    if problem:
+        raise RunError(problem)
     run = build(cfg)
     cfg = run.config
-    if out.exists() and overwrite:
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.json", json.dumps({"config": cfg.to_dict(), "versions": _versions()}, indent=2) + "\n")
-    (out / "train_log.jsonl").write_text("")
+    if main:
+        if out.exists() and overwrite:
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.json", json.dumps({"config": cfg.to_dict(), "versions": _versions()}, indent=2) + "\n")
+        (out / "train_log.jsonl").write_text("")
+    distributed.barrier()
     return _train_and_save(run, out, None, progress=progress)
 
 
@@ -336,10 +374,12 @@ def resume_run(out_dir, *, progress: bool = True, trust_remote_code: bool = Fals
     Settings come from ``out_dir/config.json``; lines of train_log.jsonl after the checkpoint's step are
     dropped, then the log is appended to. On CPU the result equals an uninterrupted run's exactly.
     """
+    from . import distributed
     from .checkpoint import CHECKPOINT, load_checkpoint
 
     out = Path(out_dir)
     cfg = read_run_config(out)
+    distributed.init_from_env(cfg.device)
     cfg.trust_remote_code = trust_remote_code  # never taken from a file
     if (out / "metrics.json").is_file():
         raise RunError(f"the run in {out} has already finished (metrics.json exists); nothing to resume")
@@ -360,22 +400,27 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 def _train_and_save(run: Run, out: Path, ckpt, *, progress: bool, resuming: bool = False) -> dict:
     """Fit (from ``ckpt`` if given) with checkpoints and Ctrl-C handling, then evaluate and save."""
+    from . import distributed
     from .checkpoint import CHECKPOINT, GracefulInterrupt, capture, restore_params, save_checkpoint
     from .infer import TrainingError, fit
 
     cfg = run.config
+    main = distributed.is_main()  # only rank 0 writes; every process trains
     start, state = 0, None
     if ckpt is not None:
         _register_params(run.model, run.guide)
         restore_params(ckpt)
         start, state = ckpt.step, {"optimizer_state": ckpt.optimizer, "rng_state": ckpt.rng}
-    if resuming:  # only now that the checkpoint fits: drop what was logged after it
+    if resuming and main:  # only now that the checkpoint fits: drop what was logged after it
         _truncate_log(out / "train_log.jsonl", start)
     every = cfg.checkpoint_every
     last_saved = start if ckpt is not None else None  # step of the checkpoint on disk
 
     def checkpoint(step, optimizer_state):
         nonlocal last_saved
+        if not main:  # every process holds the same parameters; rank 0 saves them
+            last_saved = step
+            return
         snapshot = capture(step, optimizer_state())
         bad = snapshot.nonfinite()
         if bad is not None:  # never replace a good checkpoint with a broken one
@@ -389,15 +434,18 @@ def _train_and_save(run: Run, out: Path, ckpt, *, progress: bool, resuming: bool
     def stop_now(step, optimizer_state):
         checkpoint(step, optimizer_state)
         raise TrainingInterrupted(f"interrupted after step {step}; checkpoint saved, continue with "
-                                  f"blob-pyro train --resume {out}", 128 + stop.signum)
+                                  f"blob-pyro train --resume {out}", 128 + (stop.signum or signal.SIGTERM))
 
-    with open(out / "train_log.jsonl", "a") as log_file, GracefulInterrupt() as stop:
+    log_cm = open(out / "train_log.jsonl", "a") if main else contextlib.nullcontext()
+    with log_cm as log_file, GracefulInterrupt() as stop:
         def on_step(record, fit_state):
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
+            if main:
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
             last_state.update(fit_state)
             step = fit_state["step"]
-            if stop.signum is not None:
+            # a signal may reach the processes at different steps: all stop at the first step any saw it
+            if distributed.any_true(stop.signum is not None):
                 stop_now(step, fit_state["optimizer_state"])
             if every and (step % every == 0 or step == cfg.max_steps):
                 checkpoint(step, fit_state["optimizer_state"])
@@ -413,10 +461,12 @@ def _train_and_save(run: Run, out: Path, ckpt, *, progress: bool, resuming: bool
             if last_saved is not None and "checkpoint" not in str(err):
                 raise TrainingError(f"{err}; the last good checkpoint (step {last_saved}) is kept") from err
             raise
-        if stop.signum is not None and last_state:  # the signal came after the last step
+        if distributed.any_true(stop.signum is not None) and last_state:  # the signal came after the last step
             stop_now(last_state["step"], last_state["optimizer_state"])
     metrics = evaluate(run, progress=progress)
-    save_run(out, run, metrics=metrics)
+    if main:
+        save_run(out, run, metrics=metrics)
+    distributed.barrier()
     return metrics
 
 
