@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ModelError", "resolve_model", "load_backbone", "default_targets", "head_kind_for", "CAUSAL", "ENCODER_HEADS"]
+__all__ = ["ModelError", "resolve_model", "load_backbone", "default_targets", "head_kind_for", "CAUSAL", "ENCODER_HEADS",
+           "enable_gradient_checkpointing", "repeated_blocks"]
 
 CAUSAL = "causal_lm"
 ENCODER_HEADS = ("multiple_choice", "sequence_classification")
@@ -75,8 +76,13 @@ def default_targets(config) -> list[str]:
 
 
 def load_backbone(name_or_path: str, *, num_classes: int, head: str = "auto", trust_remote_code: bool = False,
-                  torch_dtype: torch.dtype | None = None, load_in_8bit: bool = False, load_in_4bit: bool = False):
-    """Return ``(hf_model, tokenizer, head_kind)`` with every backbone parameter frozen."""
+                  torch_dtype: torch.dtype | None = None, load_in_8bit: bool = False, load_in_4bit: bool = False,
+                  device: str | torch.device | None = None):
+    """Return ``(hf_model, tokenizer, head_kind)`` with every backbone parameter frozen.
+
+    ``device``: where a quantised (8/4-bit) model is loaded (``device_map``); other models load on the CPU
+    and the caller moves them.
+    """
     from transformers import (AutoModelForCausalLM, AutoModelForMultipleChoice, AutoModelForSequenceClassification,
                               AutoTokenizer)
 
@@ -95,6 +101,7 @@ def load_backbone(name_or_path: str, *, num_classes: int, head: str = "auto", tr
         except ImportError as err:
             raise ModelError("8-bit/4-bit loading needs bitsandbytes: pip install 'blob_pyro[quant]'") from err
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit)
+        kwargs["device_map"] = {"": str(device or "cuda")}
     try:
         if kind == CAUSAL:
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -106,6 +113,64 @@ def load_backbone(name_or_path: str, *, num_classes: int, head: str = "auto", tr
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"cannot load model {name_or_path!r}: {first}") from err
+    if load_in_8bit or load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        # fp32 norms and embeddings around the quantised matmuls, as PEFT recommends for k-bit LoRA;
+        # gradient checkpointing is blob_pyro's own (enable_gradient_checkpointing), not PEFT's
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     for p in model.parameters():
         p.requires_grad_(False)
     return model, tokenizer, kind
+
+
+def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks: members of the longest ``ModuleList`` whose members all share one class."""
+    best: list[torch.nn.Module] = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > len(best) \
+                and len({type(child) for child in module}) == 1:
+            best = list(module)
+    return best
+
+
+_CACHE_ARGS = ("past_key_values", "past_key_value", "layer_past", "cache")
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module, context_fn=None) -> int:
+    """Recompute each transformer block's activations in backward instead of keeping them; returns the count.
+
+    Works on the frozen backbone in eval mode (Hugging Face's own switch only acts in train mode, which
+    would turn backbone dropout on) and keeps BLoB exact: the LoRA draws and Flipout signs of the forward
+    pass are replayed in the recomputation (:func:`blob_pyro.lora.checkpoint_contexts`)::
+
+        enable_gradient_checkpointing(run.model.network)      # or TrainConfig(gradient_checkpointing=True)
+
+    Blocks run unchanged under ``torch.no_grad()`` (prediction); KV caches are not used while training.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    from .lora import checkpoint_contexts
+
+    context_fn = context_fn or checkpoint_contexts
+    blocks = repeated_blocks(model)
+    if not blocks:
+        raise ModelError(f"{type(model).__name__} has no repeated blocks to checkpoint")
+    for block in blocks:
+        if getattr(block, "_blob_checkpointed", False):
+            continue
+        inner = block.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            if not torch.is_grad_enabled():
+                return _inner(*args, **kwargs)
+            if kwargs.get("use_cache"):
+                kwargs["use_cache"] = False
+            for key in _CACHE_ARGS:
+                if key in kwargs:
+                    kwargs[key] = None
+            return checkpoint(_inner, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+
+        block.forward = forward
+        block._blob_checkpointed = True
+    return len(blocks)

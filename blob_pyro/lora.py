@@ -32,6 +32,7 @@ __all__ = [
     "lora_layers",
     "bind_values",
     "linear_module_names",
+    "checkpoint_contexts",
 ]
 
 ADAPTER = "default"
@@ -150,6 +151,9 @@ def lora_layers(net: torch.nn.Module) -> dict[str, LoraLayer]:
     return out
 
 
+_BOUND: dict[int, BlobLoraVariant] = {}  # variants holding values now (read by checkpoint_contexts)
+
+
 @contextlib.contextmanager
 def bind_values(sites: list[LoraSite], values: dict[str, torch.Tensor]):
     """Bind factor draws to their layers for the duration of one forward pass."""
@@ -160,7 +164,61 @@ def bind_values(sites: list[LoraSite], values: dict[str, torch.Tensor]):
                 variant = site.layer.lora_variant[ADAPTER]
                 variant.values[site.factor] = values[site.name]
                 bound.append(variant)
+                _BOUND[id(variant)] = variant
         yield
     finally:
         for variant in bound:
             variant.values.clear()
+            _BOUND.pop(id(variant), None)
+
+
+def checkpoint_contexts():
+    """``context_fn`` for ``torch.utils.checkpoint`` (non-reentrant) around blocks that hold LoRA layers.
+
+    A checkpointed block is run again during backward, after :func:`bind_values` has unbound the draws
+    and, in the paper's step, after the Flipout handler has exited. The first context records, while the
+    block runs forward, which values are bound, the active Flipout handler's means and every packed
+    sign it draws; the second puts them back for the recomputation, so backward sees exactly the
+    forward's weights and signs::
+
+        torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False, context_fn=checkpoint_contexts)
+
+    (:func:`blob_pyro.backbone.enable_gradient_checkpointing` does this for every block.)
+    """
+    from .reparam import FlipoutReplay, active_flipout
+
+    record: dict = {}
+
+    @contextlib.contextmanager
+    def forward_context():
+        record["bound"] = [(variant, dict(variant.values)) for variant in _BOUND.values()]
+        handler = active_flipout()
+        tape: list[torch.Tensor] = []
+        record["flipout"] = (handler, tape)
+        if handler is None:
+            yield
+            return
+        handler.tapes.append(tape)
+        try:
+            yield
+        finally:
+            handler.tapes.remove(tape)
+        record["flipout"] = (handler.frozen_copy(), tape)
+
+    @contextlib.contextmanager
+    def recompute_context():
+        previous = [(variant, dict(variant.values)) for variant, _ in record.get("bound", [])]
+        for variant, values in record.get("bound", []):
+            variant.values.clear()
+            variant.values.update(values)
+        handler, tape = record.get("flipout", (None, []))
+        replay = FlipoutReplay(handler, tape) if handler is not None else contextlib.nullcontext()
+        try:
+            with replay:
+                yield
+        finally:
+            for variant, values in previous:
+                variant.values.clear()
+                variant.values.update(values)
+
+    return forward_context(), recompute_context()
