@@ -78,17 +78,29 @@ def apply_signs(t: torch.Tensor, bits: torch.Tensor, shape) -> torch.Tensor:
         bits = torch.randint(0, 256, (sign_bytes(x.numel()),), dtype=torch.uint8)
         y = apply_signs(x, bits, x.shape)           # same bits, same signs: apply twice gives x back
     """
-    size = t.element_size()
-    itype = _INT_OF[size]
-    nbits = 8 * size
-    key = (itype, t.device)
+    itype = _INT_OF[t.element_size()]
+    return (t.view(itype) ^ _sign_mask(bits, shape, itype, t.device)).view(t.dtype)
+
+
+def _flip_(t: torch.Tensor, bits: torch.Tensor, shape) -> torch.Tensor:
+    """In-place :func:`apply_signs` (for a tensor nobody else holds)."""
+    itype = _INT_OF[t.element_size()]
+    t.view(itype).bitwise_xor_(_sign_mask(bits, shape, itype, t.device))
+    return t
+
+
+def _sign_mask(bits: torch.Tensor, shape, itype: torch.dtype, device) -> torch.Tensor:
+    """Integer tensor of ``shape``: the sign bit set where the packed bit is 1, every other bit 0."""
+    nbits = torch.iinfo(itype).bits
+    key = (itype, device)
     shifts = _SHIFTS.get(key)
     if shifts is None:
-        shifts = _SHIFTS[key] = torch.arange(nbits, dtype=itype, device=t.device)
+        shifts = _SHIFTS[key] = torch.arange(nbits, dtype=itype, device=device)
     numel = math.prod(shape)
     words = bits.view(itype)[: math.ceil(numel / nbits)]
-    mask = ((words.unsqueeze(-1) << shifts) & torch.iinfo(itype).min).reshape(-1)[:numel].reshape(shape)
-    return (t.view(itype) ^ mask).view(t.dtype)
+    mask = words.unsqueeze(-1) << shifts
+    mask.bitwise_and_(torch.iinfo(itype).min)
+    return mask.reshape(-1)[:numel].reshape(shape)
 
 
 class FlipoutMessenger(Messenger):
@@ -228,8 +240,10 @@ class FlipoutLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, loc, delta, in_bits, out_bits, in_shape, out_shape):
-        noise = F.linear(apply_signs(x, in_bits, in_shape), delta)
-        y = F.linear(x, loc) + apply_signs(noise, out_bits, out_shape)
+        noise = _flip_(F.linear(apply_signs(x, in_bits, in_shape), delta), out_bits, out_shape)
+        cdt = noise.dtype  # the autocast dtype, if any: add the mean path in place, in that dtype
+        y = noise.reshape(-1, noise.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]).to(cdt), loc.to(cdt).t())
+        y = y.view(noise.shape)
         ctx.save_for_backward(x, loc, delta, in_bits, out_bits)
         # the bit -> element map depends on the dtype's width: backward flips in the same dtypes
         ctx.shapes = (tuple(in_shape), tuple(out_shape), noise.dtype)
@@ -242,10 +256,10 @@ class FlipoutLinearFunction(torch.autograd.Function):
         cdt = grad.dtype
         grad_s = apply_signs(grad.to(out_dtype), out_bits, out_shape).to(cdt)  # s ⊙ g
         grad_x = grad_loc = grad_delta = None
-        if ctx.needs_input_grad[0]:
-            back = apply_signs((grad_s @ delta.to(cdt)).to(x.dtype), in_bits, in_shape)  # r ⊙ (s ⊙ g) delta
-            grad_x = (grad @ loc.to(cdt)).to(x.dtype) + back
         g2 = grad.reshape(-1, grad.shape[-1])
+        if ctx.needs_input_grad[0]:
+            back = _flip_((grad_s @ delta.to(cdt)).to(x.dtype), in_bits, in_shape)  # r ⊙ ((s ⊙ g) delta)
+            grad_x = back.reshape(-1, back.shape[-1]).addmm_(g2.to(x.dtype), loc.to(x.dtype)).view(back.shape)
         if ctx.needs_input_grad[1]:
             grad_loc = (g2.T @ x.reshape(-1, x.shape[-1]).to(cdt)).to(loc.dtype)
         if ctx.needs_input_grad[2]:
