@@ -299,16 +299,18 @@ def test_sample_batched_prediction_draws_one_weight_per_layer_and_fresh_signs(ti
         assert torch.all((a.mean(0) - b.mean(0)).abs() < 5 * se + 1e-6)
 
 
-def test_perf_script_quick_smoke(tmp_path):
-    """benchmarks/perf.py runs end to end (tiny sizes) and writes its JSON and markdown."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "perf.py"), "--quick", "--threads", "1",
-                           "--sections", "predict", "--out", str(tmp_path)], env=env, capture_output=True,
-                          text=True, timeout=300, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    data = json.loads((tmp_path / "perf-cpu-quick.json").read_text())
-    pred = data["predict"]
-    assert pred["num_samples"] == 3 and set(pred["median_ms"]) == {"lora_forward", "mean", "sequential", "batched"}
-    assert pred["sequential_over_mean"] > 1  # three draws cost more than one mean pass
-    md = (tmp_path / "perf-cpu-quick.md").read_text()
-    assert "**Prediction**" in md and "**Targets**" in md
+def test_gpu_check_script_logic_on_cpu(tmp_path):
+    """scripts/gpu_check.sh with DEVICE=cpu: the bf16 tiny-Llama train + evaluate check and the perf sections."""
+    env = dict(os.environ, DEVICE="cpu", PYTHON=sys.executable, OUT=str(tmp_path), OMP_NUM_THREADS="1")
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh")], env=env, capture_output=True, text=True,
+                          timeout=400, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = proc.stdout
+    assert "latent log-density dtype under bf16 autocast: ['torch.float64']" in out
+    assert "check 1: ok" in out and "gpu_check: all checks passed (cpu)" in out
+    data = json.loads((tmp_path / "perf" / "perf-cpu.json").read_text())
+    assert set(data["step"]["32"]["median_ms"]) == {"lora_torch", "mle", "blob", "blob_seq"}
+    assert data["memory"]["32"]["blob"]["kind"] == "rss" and data["memory"]["32"]["blob"]["peak_mb"] > 0
+    assert data["predict"]["sequential_over_mean"] > 1  # four draws cost more than one mean pass
+    md = (tmp_path / "perf" / "perf-cpu.md").read_text()
+    assert "**Training step**" in md and "**Targets**" in md
