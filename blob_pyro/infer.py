@@ -313,6 +313,9 @@ def fit(model, guide, train, *, max_steps: int, batch_size: int = 16, lr: float 
                          f"start the processes with accelerate launch or torchrun (see blob_pyro.distributed)")
     examples = list(getattr(train, "examples", train))
     num_data = len(examples)  # the global N: every process holds the whole training set
+    if procs > 1 and num_data < batch_size * procs:
+        raise ValueError(f"the training split has {num_data} examples, fewer than batch_size x processes = "
+                         f"{batch_size} x {procs}")
     model.num_data = num_data
     schedule = make_kl_schedule(kl_schedule, num_data, batch_size, world_size=procs, gamma=gamma,
                                 multiplier=kl_multiplier)

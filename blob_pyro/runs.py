@@ -316,9 +316,15 @@ def evaluate(run: Run, data=None, *, num_samples: int | None = None, progress: b
     s = cfg.num_samples if num_samples is None else num_samples
     examples = list(getattr(data, "examples", data))
     procs, rank = distributed.world_size(), distributed.rank()
-    out = predict(run.model, run.guide, examples[rank::procs], num_samples=s, batch_size=cfg.eval_batch_size,
-                  use_flipout=cfg.flipout, flipout_per=cfg.flipout_per, sample_batched=cfg.sample_batched,
-                  progress=progress and rank == 0, autocast_dtype=torch.bfloat16 if cfg.bf16 else None)
+    local = examples[rank::procs]
+    if local:
+        out = predict(run.model, run.guide, local, num_samples=s, batch_size=cfg.eval_batch_size,
+                      use_flipout=cfg.flipout, flipout_per=cfg.flipout_per, sample_batched=cfg.sample_batched,
+                      progress=progress and rank == 0, autocast_dtype=torch.bfloat16 if cfg.bf16 else None)
+    else:  # fewer examples than processes
+        from .predictive import Prediction
+
+        out = Prediction(torch.empty(0, run.model.head.num_classes), torch.empty(0, dtype=torch.long))
     if procs > 1:
         parts = distributed.gather_objects((out.probs.cpu(), out.labels.cpu()))
         probs = torch.empty(len(examples), out.probs.shape[-1], dtype=out.probs.dtype)
