@@ -13,13 +13,7 @@ from blob_pyro.diagnostics import (compare, heldout_elpd, khat_reading, khat_thr
 D, N = 2, 40
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core machine run several times faster on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _toy(seed=0):
