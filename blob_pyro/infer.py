@@ -9,8 +9,8 @@
 content of ``train_log.jsonl``. Each step draws one posterior sample (Flipout by default); the KL
 part of the ELBO is weighted by a schedule from :mod:`blob_pyro.kl`.
 
-SVI path: one ``Trace_ELBO`` (or ``TraceMeanField_ELBO``) step with a Pyro optimiser that gives every
-parameter its own AdamW and learning-rate schedule: ``lr`` for means and deterministic parameters,
+SVI path: one ``Trace_ELBO`` (or ``TraceMeanField_ELBO``) step with a Pyro optimiser
+(:class:`GroupedAdamW`: one multi-tensor AdamW in two learning-rate groups): ``lr`` for means and deterministic parameters,
 ``scale_lr`` for the std parameters (``rho``, AutoNormal ``scales``, low-rank ``cov_factor``),
 6 % linear warm-up then linear decay to 0 at ``max_steps``.
 
