@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .config import ConfigError, TrainConfig
 
-__all__ = ["main", "USER_ERRORS"]
+__all__ = ["main"]
 
 PROG = "blob-pyro"
 
@@ -49,7 +49,6 @@ def _user_errors() -> tuple:
     return (ConfigError, DataError, ModelError, TargetModuleError, RunError, HeadError, TrainingError, CheckpointError)
 
 
-USER_ERRORS = None  # filled lazily: importing them pulls in torch
 
 
 def _bool(text: str) -> bool:

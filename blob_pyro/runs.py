@@ -185,7 +185,7 @@ def save_run(out_dir, run: Run, *, metrics: dict | None = None) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model, guide = run.model, run.guide
-    model.write_factors(guide.median(model.example_batch()) if _needs_args(guide) else guide.median())
+    model.write_factors(guide.median(model.example_batch()))  # the batch sets up a lazy guide if needed
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".adapter."))
     try:
         os.chmod(tmp, 0o755)
@@ -205,10 +205,6 @@ def save_run(out_dir, run: Run, *, metrics: dict | None = None) -> None:
     os.replace(tmpf, out / "posterior.safetensors")
     if metrics is not None:
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-
-
-def _needs_args(guide) -> bool:
-    return getattr(guide, "prototype_trace", None) is None and getattr(guide, "_specs", None) is None
 
 
 def read_run_config(run_dir) -> TrainConfig:
