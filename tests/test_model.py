@@ -282,3 +282,27 @@ def test_predict_keeps_the_data_order(tiny_llama_dir):
     single = torch.cat([predict(model, guide, [e], num_samples=0, progress=False).probs for e in examples])
     assert torch.equal(out.labels, torch.tensor([e.label for e in examples]))
     assert torch.allclose(out.probs, single, atol=1e-5)
+
+
+def test_multiple_choice_head_encodes_only_present_options():
+    """Packing the present options gives the full (B, K) layout's scores, -inf where an option is absent."""
+    from blob_pyro.data import Example
+
+    cfg = TrainConfig(model="minilm", dataset="arc_easy", max_length=32)  # K = 5 slots
+    model = build_model(cfg, num_data=8)
+    words = ["red", "blue", "green", "black", "white"]
+    examples = [Example(index=i, prompt="", choices=tuple(words[:n]),
+                        mc_texts=tuple((f"question {i} about colour", w) for w in words[:n]), label=0)
+                for i, n in enumerate([4, 5, 3, 4])]
+    batch = model.head.collate(examples)
+    with torch.no_grad():
+        packed = model.head.logits(model.network, batch)
+        full = model.network(**{k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}).logits
+    mask = batch["choice_mask"]
+    assert packed.shape == (4, 5) and mask.sum() == 16
+    assert torch.isinf(packed[~mask]).all() and (packed[~mask] < 0).all()
+    torch.testing.assert_close(packed[mask], full[mask], rtol=1e-5, atol=1e-5)
+    # gradients reach the trained classifier through the scatter (lora_A's are 0 while B = 0 at init)
+    trained = [p for n, p in model.network.named_parameters() if p.requires_grad and "classifier" in n]
+    model.head.logits(model.network, batch)[mask].sum().backward()
+    assert len(trained) == 2 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
