@@ -926,7 +926,8 @@ def pilot(grid: Grid, *, steps: int = 4, examples: int | None = None, budget_hou
                 subset = subset[:: len(subset) // examples][:examples]
             cpu, wall = timed(lambda: predict(run.model, run.guide, subset, num_samples=samples,
                                               batch_size=run.config.eval_batch_size, use_flipout=run.config.flipout,
-                                              flipout_per=run.config.flipout_per, progress=progress))
+                                              flipout_per=run.config.flipout_per, progress=progress,
+                                              autocast_dtype=torch.bfloat16 if run.config.bf16 else None))
             scale = len(full) / len(subset)
             t[f"pass_cpu_{kind}"], t[f"pass_wall_{kind}"] = cpu * scale, wall * scale
             t["build_cpu"], t["n"] = cpu_build, len(full)

@@ -314,3 +314,20 @@ def test_gpu_check_script_logic_on_cpu(tmp_path):
     assert data["predict"]["sequential_over_mean"] > 1  # four draws cost more than one mean pass
     md = (tmp_path / "perf" / "perf-cpu.md").read_text()
     assert "**Training step**" in md and "**Targets**" in md
+
+
+def test_bf16_cpu_prediction_stays_close_to_float32(one_thread):
+    """The CPU benchmark runs under bf16 autocast: its probabilities must stay close to float32's."""
+    from blob_pyro.predictive import predict
+
+    cfg = TrainConfig(model="minilm", dataset="arc_easy", max_length=48)
+    model = build_model(cfg, num_data=8)
+    guide = make_guide("blob", model)
+    examples = toy_examples(12, num_classes=4, seed=3)
+    full = predict(model, guide, examples, num_samples=0, batch_size=6, progress=False)
+    half = predict(model, guide, examples, num_samples=0, batch_size=6, progress=False,
+                   autocast_dtype=torch.bfloat16)
+    assert full.probs.shape == half.probs.shape == (12, 5)
+    assert half.probs.dtype == torch.float32
+    assert torch.allclose(half.probs.sum(-1), torch.ones(12))
+    assert (half.probs - full.probs).abs().max() < 0.02
