@@ -97,7 +97,7 @@ ENSEMBLE_SEED_STRIDE = 1000
 RUNTIME_KEYS = ("data_dir", "device", "trust_remote_code", "checkpoint_every")
 METRIC_NAMES = ("accuracy", "ece", "nll", "brier")
 CSV_COLUMNS = ("method", "entry", "trained_as", "dataset", "eval_dataset", "seed", "num_samples", "accuracy", "ece",
-               "nll", "brier", "num_examples", "train_seconds", "eval_seconds", "setup_seconds", "max_steps",
+               "nll", "brier", "confidence", "num_examples", "train_seconds", "eval_seconds", "setup_seconds", "max_steps",
                "batch_size", "run_dir")
 _GRID_KEYS = ("name", "output_dir", "base", "methods", "variants", "datasets", "seeds", "ensemble_size",
               "ood_datasets", "description")
@@ -691,6 +691,7 @@ def collect_rows(grid: Grid, ood: list[str] | None = None) -> list[dict]:
     """One dict per result row of every finished cell (in-distribution and OOD), in grid order."""
     ood = list(ood or [])
     out = []
+    cache: dict = {}
     for cell in cells_of(grid):
         if not is_finished(cell):
             continue
@@ -713,8 +714,22 @@ def collect_rows(grid: Grid, ood: list[str] | None = None) -> list[dict]:
                 m = rows[row]
                 out.append({**common, "method": row, "eval_dataset": eval_dataset,
                             "num_samples": m.get("num_samples"), "num_examples": m.get("num_examples"),
-                            "eval_seconds": m.get("eval_seconds"), **{k: m[k] for k in METRIC_NAMES}})
+                            "eval_seconds": m.get("eval_seconds"), **{k: m[k] for k in METRIC_NAMES},
+                            "confidence": _mean_confidence(cell.dir, eval_dataset, cell.dataset, row, cache)})
     return out
+
+
+def _mean_confidence(run_dir: Path, eval_dataset: str, dataset: str, row: str, cache: dict) -> float | None:
+    """Mean top-label probability of a result row, from its saved predictions (None if they are gone).
+
+    Read next to ACC it says which way a miscalibration goes: above ACC over-confident, below under-confident.
+    """
+    path = run_dir / PREDICTIONS if eval_dataset == dataset else run_dir / "ood" / f"{eval_dataset}.safetensors"
+    if path not in cache:
+        cache[path] = _load_predictions(path)[1] if path.is_file() else {}
+    if row not in cache[path]:
+        return None
+    return float(cache[path][row][0].float().max(-1).values.mean())
 
 
 def write_csv(grid: Grid, rows: list[dict]) -> Path:
@@ -751,7 +766,8 @@ def summarize(rows: list[dict]) -> tuple[list[str], list[str], dict]:
             names.append(r["method"])
         if col not in cols:
             cols.append(col)
-        slot = cells.setdefault((r["method"], col), {k: [] for k in METRIC_NAMES + ("train_seconds", "eval_seconds")})
+        slot = cells.setdefault((r["method"], col),
+                                {k: [] for k in METRIC_NAMES + ("confidence", "train_seconds", "eval_seconds")})
         for k in slot:
             if r.get(k) is not None:
                 slot[k].append(float(r[k]))
@@ -784,6 +800,8 @@ def results_markdown(grid: Grid, rows: list[dict], skipped_ood: list[str] = ()) 
     for title, metric, scale, digits in (("ACC (%) ↑", "accuracy", 100, 2), ("ECE (%) ↓", "ece", 100, 2),
                                          ("NLL ↓", "nll", 1, 3), ("Brier ↓", "brier", 1, 3)):
         lines += [f"## {title}", "", markdown_table(rows, metric, scale=scale, digits=digits), ""]
+    lines += ["## Mean confidence (%)", "", "Mean top-label probability: above ACC means over-confident, below "
+              "under-confident.", "", markdown_table(rows, "confidence", scale=100, digits=2), ""]
     first_rows = {e.name: next(iter(e.predict)) for e in grid.entries}
     trained = [r for r in rows if r["method"] == first_rows.get(r["entry"]) and r["eval_dataset"] == r["dataset"]]
     lines += ["## Time (seconds per cell, mean ± std over seeds)", "",

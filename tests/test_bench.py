@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from blob_pyro import bench
 
@@ -62,6 +63,12 @@ def test_runner_writes_results_table_and_plots(smoke):
                  "adapter/adapter_config.json"):
         assert (run / name).is_file(), name
     assert json.loads((report / "grid.json").read_text())["seeds"] == [1]
+    # mean confidence: the mean top-label probability of each row's saved predictions, also in the markdown
+    saved = load_file(str(run / bench.PREDICTIONS))
+    for r in rows[1:]:
+        expected = saved[f"{r['method']}.probs"].max(-1).values.mean().item()
+        assert abs(float(r["confidence"]) - expected) < 1e-6
+    assert "## Mean confidence (%)" in md and f"| blob | {100 * float(rows[1]['confidence']):.2f} ± 0.00 (1 seed) |" in md
 
 
 def test_second_invocation_skips_finished_cells_and_redoes_a_half_done_one(smoke, monkeypatch, capsys):
