@@ -809,12 +809,46 @@ def results_markdown(grid: Grid, rows: list[dict], skipped_ood: list[str] = ()) 
               "row's predictions on the evaluated split.", "", "### train", "",
               markdown_table(trained, "train_seconds", digits=0), "",
               "### eval", "", markdown_table(rows, "eval_seconds", digits=0), ""]
+    lines += targets_markdown(rows)
     total = _total_seconds(rows)
     lines += [f"Total compute of the finished cells (setup + train + eval, summed): {total:.0f} s "
               f"({total / 3600:.2f} h).", ""]
     for msg in skipped_ood:
         lines.append(f"- {msg}")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def targets_markdown(rows: list[dict]) -> list[str]:
+    """The issue's targets per in-distribution dataset, from the seed means of ``mle``, ``blob``, ``blob_mean``.
+
+    BLoB (N=10) ECE at most half of MLE's; BLoB accuracy at most 1 point below MLE's; BLoB NLL below MLE's;
+    ECE ordering MLE > BLoB N=0 > BLoB N=10. Empty when the three rows are not all there.
+    """
+    own = [r for r in rows if r["eval_dataset"] == r["dataset"]]
+    _, cols, cells = summarize(own)
+    need = ("mle", "blob", "blob_mean")
+    cols = [c for c in cols if all((m, c) in cells for m in need)]
+    if not cols:
+        return []
+
+    def mean(method, col, metric):
+        return statistics.fmean(cells[(method, col)][metric])
+
+    def mark(ok):
+        return "yes" if ok else "**no**"
+
+    lines = ["## Targets (seed means)", "",
+             "| dataset | ECE blob / mle | ≤ ½? | ACC blob − mle (pt) | ≥ −1? | NLL blob − mle | < 0? | "
+             "ECE mle > blob_mean > blob? |", "|---|---|---|---|---|---|---|---|"]
+    for c in cols:
+        e_mle, e_n0, e_b = (mean(m, c, "ece") for m in ("mle", "blob_mean", "blob"))
+        ratio = e_b / e_mle if e_mle > 0 else float("inf")
+        dacc = 100 * (mean("blob", c, "accuracy") - mean("mle", c, "accuracy"))
+        dnll = mean("blob", c, "nll") - mean("mle", c, "nll")
+        lines.append(f"| {c} | {100 * e_b:.2f} / {100 * e_mle:.2f} = {ratio:.2f} | {mark(ratio <= 0.5)} | "
+                     f"{dacc:+.2f} | {mark(dacc >= -1 - 1e-9)} | {dnll:+.4f} | {mark(dnll < 0)} | "
+                     f"{100 * e_mle:.2f} > {100 * e_n0:.2f} > {100 * e_b:.2f}: {mark(e_mle > e_n0 > e_b)} |")
+    return lines + [""]
 
 
 def _total_seconds(rows: list[dict]) -> float:

@@ -151,3 +151,24 @@ def test_ood_grid_evaluates_the_same_runs_elsewhere_and_skips_missing_mmlu(tmp_p
     for member in ("member0", "member1"):
         assert (cell / member / "ood" / "arc_easy.json").is_file()
     assert (tmp_path / "out" / "ood" / "plots" / "reliability_arc_easy__ensemble.png").is_file()
+
+
+def test_targets_table_reads_the_seed_means():
+    def row(method, seed, acc, ece, nll):
+        return {"method": method, "dataset": "d", "eval_dataset": "d", "seed": seed, "accuracy": acc, "ece": ece,
+                "nll": nll, "brier": 0.5, "confidence": 0.5, "train_seconds": 1, "eval_seconds": 1}
+
+    rows = [row("mle", 1, 0.70, 0.20, 0.9), row("mle", 2, 0.72, 0.10, 0.8),       # ECE mean 0.15
+            row("blob", 1, 0.70, 0.06, 0.7), row("blob", 2, 0.70, 0.08, 0.7),     # 0.07 <= 0.075; acc -1.0 pt
+            row("blob_mean", 1, 0.71, 0.10, 0.75), row("blob_mean", 2, 0.71, 0.12, 0.75)]
+    lines = bench.targets_markdown(rows)
+    assert lines[0] == "## Targets (seed means)" and len(lines) == 6
+    cells = [c.strip() for c in lines[4].split("|")[1:-1]]
+    assert cells[0] == "d" and cells[1] == "7.00 / 15.00 = 0.47" and cells[2] == "yes"
+    assert cells[3] == "-1.00" and cells[4] == "yes"
+    assert cells[5] == "-0.1500" and cells[6] == "yes"
+    assert cells[7] == "15.00 > 11.00 > 7.00: yes"
+    rows[2]["ece"] = 0.09  # blob ECE mean 0.085: more than half of 0.15
+    cells = [c.strip() for c in bench.targets_markdown(rows)[4].split("|")[1:-1]]
+    assert cells[1] == "8.50 / 15.00 = 0.57" and cells[2] == "**no**"
+    assert bench.targets_markdown([r for r in rows if r["method"] != "blob_mean"]) == []
