@@ -172,3 +172,23 @@ def test_targets_table_reads_the_seed_means():
     cells = [c.strip() for c in bench.targets_markdown(rows)[4].split("|")[1:-1]]
     assert cells[1] == "8.50 / 15.00 = 0.57" and cells[2] == "**no**"
     assert bench.targets_markdown([r for r in rows if r["method"] != "blob_mean"]) == []
+
+
+def test_posterior_spread_script_reads_finished_runs(smoke, tmp_path):
+    """benchmarks/posterior_spread.py: one row per blob run with its std, and one line + exit 2 without runs."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "posterior_spread.py"
+    _, out, _ = smoke
+    proc = subprocess.run([sys.executable, str(script), str(out), "--entries", "blob"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| winogrande_s/blob/seed1 |")]
+    assert len(rows) == 1
+    cells = [c.strip() for c in rows[0].split("|")[1:-1]]
+    std, ratio = float(cells[1]), float(cells[2])
+    assert 1e-3 < std < 3e-3 and abs(ratio - std / 0.2) < 1e-3  # rho^2 with rho ~ U(0.035, 0.05) after 2 steps
+    assert float(cells[5]) >= 0  # N=2 vs posterior-mean probabilities, both saved by the runner
+    bad = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "no finished runs" in bad.stderr
