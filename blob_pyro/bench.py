@@ -719,12 +719,17 @@ def collect_rows(grid: Grid, ood: list[str] | None = None) -> list[dict]:
     return out
 
 
+def predictions_path(run_dir: Path, dataset: str, eval_dataset: str) -> Path:
+    """Where a cell's saved predictions on ``eval_dataset`` live (its own dev split, or an OOD one)."""
+    return run_dir / PREDICTIONS if eval_dataset == dataset else run_dir / "ood" / f"{eval_dataset}.safetensors"
+
+
 def _mean_confidence(run_dir: Path, eval_dataset: str, dataset: str, row: str, cache: dict) -> float | None:
     """Mean top-label probability of a result row, from its saved predictions (None if they are gone).
 
     Read next to ACC it says which way a miscalibration goes: above ACC over-confident, below under-confident.
     """
-    path = run_dir / PREDICTIONS if eval_dataset == dataset else run_dir / "ood" / f"{eval_dataset}.safetensors"
+    path = predictions_path(run_dir, dataset, eval_dataset)
     if path not in cache:
         cache[path] = _load_predictions(path)[1] if path.is_file() else {}
     if row not in cache[path]:
@@ -881,7 +886,7 @@ def write_plots(grid: Grid, rows: list[dict]) -> list[Path]:
     cache: dict = {}
     for r in rows:
         run_dir = Path(r["run_dir"])
-        path = run_dir / PREDICTIONS if r["eval_dataset"] == r["dataset"] else run_dir / "ood" / f"{r['eval_dataset']}.safetensors"
+        path = predictions_path(run_dir, r["dataset"], r["eval_dataset"])
         if path not in cache:
             cache[path] = _load_predictions(path) if path.is_file() else None
         if cache[path] is None or r["method"] not in cache[path][1]:
