@@ -132,9 +132,20 @@ def test_variants_and_extra_prediction_rows(tmp_path, data_dir, monkeypatch):
     assert set(saved) == {"blob_A_N1", "blob_A_N3", "blob_A_mean"}
 
 
-def test_ood_grid_evaluates_the_same_runs_elsewhere_and_skips_missing_mmlu(tmp_path, data_dir, capsys):
+def test_ood_grid_evaluates_the_same_runs_elsewhere_and_skips_missing_mmlu(tmp_path, data_dir, capsys,
+                                                                          monkeypatch):
     if (Path(data_dir) / "mmlu").is_dir():
         pytest.skip("the data folder has mmlu/: the skip message is not exercised")
+    import blob_pyro.plots
+
+    titles, save = {}, blob_pyro.plots.save_figure
+
+    def recording_save(fig, path, **kw):
+        axes = fig.get_axes() if hasattr(fig, "get_axes") else [fig]
+        titles[Path(path).name] = axes[0].get_title()
+        return save(fig, path, **kw)
+
+    monkeypatch.setattr(blob_pyro.plots, "save_figure", recording_save)
     config = _grid_file(tmp_path, name="ood", methods=[{"name": "ensemble", "method": "ensemble", "members": 2}],
                         datasets=["openbookqa"], ood_datasets=["arc_easy", "mmlu_college_chemistry"])
     assert _run(config, tmp_path / "out", data_dir) == 0
@@ -151,6 +162,9 @@ def test_ood_grid_evaluates_the_same_runs_elsewhere_and_skips_missing_mmlu(tmp_p
     for member in ("member0", "member1"):
         assert (cell / member / "ood" / "arc_easy.json").is_file()
     assert (tmp_path / "out" / "ood" / "plots" / "reliability_arc_easy__ensemble.png").is_file()
+    # the OOD diagram says where the run was trained; the in-distribution one does not
+    assert titles["reliability_arc_easy__ensemble.png"].startswith("ensemble on arc_easy, trained on openbookqa")
+    assert titles["reliability_openbookqa__ensemble.png"].startswith("ensemble on openbookqa (")
 
 
 def test_targets_table_reads_the_seed_means():
