@@ -892,14 +892,15 @@ def write_plots(grid: Grid, rows: list[dict]) -> list[Path]:
         if cache[path] is None or r["method"] not in cache[path][1]:
             continue
         labels, preds = cache[path]
-        slot = pooled.setdefault((_column(r, multi), r["method"]), ([], [], r["dataset"], r["eval_dataset"]))
+        col = _column(r, multi)
+        where = col if r["eval_dataset"] == r["dataset"] else f"{r['eval_dataset']}, trained on {r['dataset']}"
+        slot = pooled.setdefault((col, r["method"]), ([], [], where))
         slot[0].append(preds[r["method"]][0])
         slot[1].append(labels)
     out = []
     plots = grid.report_dir / "plots"
-    for (col, method), (probs, labels, train_ds, eval_ds) in pooled.items():
+    for (col, method), (probs, labels, where) in pooled.items():
         seeds = len(probs)
-        where = col if eval_ds == train_ds else f"{eval_ds}, trained on {train_ds}"
         ax = reliability_diagram(torch.cat(probs), torch.cat(labels), label=method)
         ax.set_title(f"{method} on {where} ({seeds} seed{'s' if seeds > 1 else ''} pooled)", fontsize="medium")
         out.append(save_figure(ax, plots / f"reliability_{_safe(col)}__{_safe(method)}.png"))
