@@ -85,7 +85,7 @@ class TrainConfig:
     sample_batched: bool = _f(False, "evaluate all draws in one forward by repeating the batch")
     # runtime
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
-    bf16: bool = _f(False, "bf16 autocast for the backbone (GPU; a MiniLM forward is 1.8x faster on an AVX512-BF16 CPU)")
+    bf16: bool = _f(False, "bf16 autocast for the backbone (GPU; on a CPU only with AVX512-BF16/AMX: 1.8x faster there, 5-7x slower where emulated)")
     load_in_8bit: bool = _f(False, "load the backbone in 8-bit (bitsandbytes, GPU)")
     load_in_4bit: bool = _f(False, "load the backbone in 4-bit (bitsandbytes, GPU)")
     gradient_checkpointing: bool = _f(False, "recompute the frozen backbone's block activations in backward (less memory, ~30% more compute)")

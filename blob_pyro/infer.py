@@ -54,6 +54,7 @@ from torch.distributions import kl_divergence, register_kl
 
 from . import distributed
 from .kl import make_kl_schedule, scale_latents
+from .precision import warn_if_emulated
 from .reparam import flipout
 
 __all__ = ["fit", "make_stepper", "Stepper", "warmup_linear", "batches", "TrainingError", "kl_terms",
@@ -267,6 +268,7 @@ def make_stepper(model, guide, *, max_steps: int, lr: float = 5e-4, scale_lr: fl
     flip = (lambda: flipout(flipout_per)) if use_flipout else contextlib.nullcontext
     if autocast_dtype is not None:
         device_type = torch.device(device).type
+        warn_if_emulated(device_type, autocast_dtype)
 
         @contextlib.contextmanager
         def amp():

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from pyro import poutine
 
+from .precision import warn_if_emulated
 from .reparam import flipout
 
 __all__ = ["predict", "Prediction", "posterior_logits"]
@@ -86,6 +87,7 @@ def predict(model, guide, data, *, num_samples: int = 10, batch_size: int = 16, 
     for name, module in model.network.named_modules():  # MC dropout stays on at prediction
         if "lora_dropout" in name and isinstance(module, torch.nn.Dropout) and module.p > 0:
             module.train()
+    warn_if_emulated(torch.device(device).type, autocast_dtype)
     amp = torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     probs, labels, draws = [], [], []
     starts = range(0, len(examples), batch_size)
