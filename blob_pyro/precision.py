@@ -22,17 +22,9 @@ def cpu_has_native_bf16() -> bool:
     """
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
         return True
-    cpu = torch.cpu
-    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     checks = [c for c in checks if c is not None]
-    if not checks:  # an older/newer torch without these helpers: read the kernel's CPU flags where there are any
-        try:
-            with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-                flags = f.read()
-        except OSError:
-            return True  # cannot tell: assume the user knows their machine
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-    return any(bool(c()) for c in checks)
+    return not checks or any(bool(c()) for c in checks)  # a torch without these helpers: cannot tell, no warning
 
 
 def warn_if_emulated(device_type: str, dtype: torch.dtype | None) -> bool:

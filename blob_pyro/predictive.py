@@ -87,8 +87,9 @@ def predict(model, guide, data, *, num_samples: int = 10, batch_size: int = 16, 
     for name, module in model.network.named_modules():  # MC dropout stays on at prediction
         if "lora_dropout" in name and isinstance(module, torch.nn.Dropout) and module.p > 0:
             module.train()
-    warn_if_emulated(torch.device(device).type, autocast_dtype)
-    amp = torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    device_type = torch.device(device).type
+    warn_if_emulated(device_type, autocast_dtype)
+    amp = torch.autocast(device_type=device_type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     probs, labels, draws = [], [], []
     starts = range(0, len(examples), batch_size)
     if progress:
