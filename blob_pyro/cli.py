@@ -69,7 +69,9 @@ def _add_config_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] | N
         kind = hints[f.name]
         args = typing.get_args(kind)
         base = next((a for a in args if a is not type(None)), kind) if args else kind
-        kw = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata.get("help")}
+        help_ = f.metadata.get("help")
+        # argparse %-formats help strings: a literal "%" in a config field's help must be escaped
+        kw = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_.replace("%", "%%") if help_ else help_}
         if base is bool:
             kw.update(type=_bool, metavar="BOOL")
         elif base is list or typing.get_origin(base) is list:
