@@ -3,7 +3,7 @@
 :class:`BlobGuide` is BLoB's guide: per factor a Gaussian ``Normal(loc, std)`` with
 ``std = rho**2`` (or ``softplus(rho)``), ``loc`` initialised from PEFT's init for that factor and
 ``rho ~ U(eps/sqrt(2), eps)``. ``covariance="lowrank"`` adds a rank-``k`` factor inside each
-matrix (``LowRankMultivariateNormal``). Pyro's own ``AutoNormal`` and ``AutoDelta`` plug in
+matrix (``LowRankMultivariateNormal``, covariance ``diag(std) (I + U Uᵀ) diag(std)``). Pyro's own ``AutoNormal`` and ``AutoDelta`` plug in
 through the same argument::
 
     guide = make_guide("blob", model)                  # the paper's mean-field guide
@@ -67,8 +67,15 @@ class BlobGuide(AutoGuide):
     plus the stds of the Bayesian factor, as LoRA does, and the Gaussian prior on the factor
     induces a "low-rank prior" on the update.
 
-    ``covariance="lowrank"`` adds correlations *inside* each factor:
-    ``LowRankMultivariateNormal(vec(M), cov_factor (D×k), diag(std²))``, D = entries of the factor.
+    ``covariance="lowrank"`` adds correlations *inside* each factor: q(vec F) has covariance
+    :math:`\mathrm{diag}(\sigma)\,(I + U U^\top)\,\mathrm{diag}(\sigma)` with a learned D×k
+    ``corr_factor`` U (D = entries of the factor), i.e. ``LowRankMultivariateNormal(vec(M),
+    σ ⊙ U, σ²)``. U is scale-free (as in Pyro's ``AutoLowRankMultivariateNormal``): the Woodbury
+    capacitance :math:`I + U^\top U` does not depend on σ. Storing the covariance factor itself
+    broke in float32 once training shrank σ to ~1e-7 while the factor stayed ~1e-2: the
+    capacitance and the Mahalanobis term (a difference of ~1e12-sized sums) lost all precision,
+    the log-density turned to noise (KL estimates of ±1e8) and the Cholesky failed.
+    U starts N(0, 0.5/k), so the initial marginal std is ~1.22× the diagonal guide's.
 
     :param model: a :class:`~blob_pyro.model.BlobModel` (its ``latent_sites()`` give shapes and
         PEFT's init) or any Pyro model whose latent sites are matrices (set up lazily from a trace).
@@ -126,7 +133,7 @@ class BlobGuide(AutoGuide):
         self.loc = PyroModule()
         self.rho = PyroModule()
         if self.covariance == "lowrank":
-            self.cov_factor = PyroModule()
+            self.corr_factor = PyroModule()
         for spec in specs:
             init = spec.init.float()
             std0 = torch.empty_like(init).uniform_(self.eps / math.sqrt(2), self.eps).square()
@@ -135,8 +142,8 @@ class BlobGuide(AutoGuide):
             deep_setattr(self.rho, spec.name, PyroParam(rho0, constraints.real))
             if self.covariance == "lowrank":
                 d = init.numel()
-                factor0 = torch.randn(d, self.rank, device=init.device) * std0.mean() / math.sqrt(self.rank)
-                deep_setattr(self.cov_factor, spec.name, PyroParam(factor0, constraints.real))
+                factor0 = torch.randn(d, self.rank, device=init.device) * math.sqrt(0.5 / self.rank)
+                deep_setattr(self.corr_factor, spec.name, PyroParam(factor0, constraints.real))
 
     # --- the guide ----------------------------------------------------------------------------
     def _std(self, rho: torch.Tensor) -> torch.Tensor:
@@ -148,8 +155,9 @@ class BlobGuide(AutoGuide):
         std = self._std(deep_getattr(self.rho, name))
         if self.covariance == "diagonal":
             return dist.Normal(loc, std).to_event(loc.dim())
+        std = std.reshape(-1)
         base = dist.LowRankMultivariateNormal(
-            loc.reshape(-1), deep_getattr(self.cov_factor, name), std.reshape(-1).square()
+            loc.reshape(-1), std.unsqueeze(-1) * deep_getattr(self.corr_factor, name), std.square()
         )
         return dist.TransformedDistribution(base, [ReshapeTransform((loc.numel(),), tuple(loc.shape))])
 
@@ -179,8 +187,8 @@ class BlobGuide(AutoGuide):
         for s in self._specs or []:
             std = self._std(deep_getattr(self.rho, s.name)).detach()
             if self.covariance == "lowrank":
-                extra = deep_getattr(self.cov_factor, s.name).detach().square().sum(-1).reshape(std.shape)
-                std = (std.square() + extra).sqrt()
+                extra = deep_getattr(self.corr_factor, s.name).detach().square().sum(-1).reshape(std.shape)
+                std = std * (1 + extra).sqrt()
             out[s.name] = std
         return out
 
@@ -198,7 +206,7 @@ class BlobGuide(AutoGuide):
         std = "rho^2" if self.std_param == "square" else "softplus(rho)"
         if self.covariance == "diagonal":
             return f"Normal(loc, {std})"
-        return f"LowRankMVN(loc, rank={self.rank}, diag={std}^2)"
+        return f"LowRankMVN(loc, cov=diag(s)(I+UU^T)diag(s), rank={self.rank}, s={std})"
 
 
 def _auto_init(model):

@@ -11,7 +11,7 @@ part of the ELBO is weighted by a schedule from :mod:`blob_pyro.kl`.
 
 SVI path: one ``Trace_ELBO`` (or ``TraceMeanField_ELBO``) step with a Pyro optimiser
 (:class:`GroupedAdamW`: one multi-tensor AdamW in two learning-rate groups): ``lr`` for means and deterministic parameters,
-``scale_lr`` for the std parameters (``rho``, AutoNormal ``scales``, low-rank ``cov_factor``),
+``scale_lr`` for the std parameters (``rho``, AutoNormal ``scales``, low-rank ``corr_factor``),
 6 % linear warm-up then linear decay to 0 at ``max_steps``.
 
 Paper path (``preset="paper"``, §1.5 of the reference): per step, AdamW(lr, eps=1e-6) on the batch-mean
@@ -96,13 +96,22 @@ def batches(examples, batch_size: int, *, seed: int, shuffle: bool = True, start
 
 
 class _Recorder:
-    """Mixin keeping the last (model, guide) traces of an ELBO, to log NLL and KL per step."""
+    """Mixin keeping the last (model, guide) traces of an ELBO, and their KL, to log NLL and KL per step.
+
+    The KL is computed here, when the traces are made, because the optimiser then updates the guide's
+    parameters in place: a site's ``fn`` read after ``svi.step`` mixes the new means with the old
+    draw (and the old stds), and its Monte Carlo log-density becomes meaningless (±1e12 once stds are
+    ~1e-9 and the mean moved by ~1e-4).
+    """
 
     last_traces = None
+    last_kl = None
 
     def _get_trace(self, model, guide, args, kwargs):
         model_trace, guide_trace = super()._get_trace(model, guide, args, kwargs)
         self.last_traces = (model_trace, guide_trace)
+        with torch.no_grad():
+            self.last_kl = kl_terms(model_trace, guide_trace).detach()
         return model_trace, guide_trace
 
 
@@ -230,7 +239,7 @@ def _nll(model_trace) -> torch.Tensor:
 
 
 def _is_scale_param(name: str) -> bool:
-    return any(tag in name for tag in (".rho.", "scales", "cov_factor"))
+    return any(tag in name for tag in (".rho.", "scales", "corr_factor"))
 
 
 @dataclass
@@ -527,10 +536,10 @@ def _svi_stepper(model, guide, *, lr, scale_lr, weight_decay, max_steps, warmup_
         with scale_latents(num_data * w), flip(), amp():
             value = svi.step(batch)
         optim.step()  # advance the learning-rate schedule
-        model_trace, guide_trace = loss.last_traces
+        model_trace, _ = loss.last_traces
         with torch.no_grad():
             nll = _nll(model_trace).item()
-            kl = kl_terms(model_trace, guide_trace).item()
+        kl = loss.last_kl.item()  # computed before the optimiser moved the guide's parameters
         return {"loss": value / num_data, "nll": nll, "kl": kl}
 
     return Stepper(step, optim.current_lr, optim.get_state, optim.set_state)
