@@ -29,6 +29,13 @@ from torch.distributions.transforms import ReshapeTransform
 
 __all__ = ["BlobGuide", "make_guide", "GUIDES", "guide_std"]
 
+# Floor on the low-rank guide's diagonal std s. With BLoB's KL weight ~0, the data drives some s towards 0
+# (s = rho², Adam). At s ~ 5e-18 the backward pass of the Woodbury terms (which scale like 1/s² and 1/s³)
+# overflowed float32 and a parameter became NaN (OpenBookQA, step 57); below ~1e-19 s² itself leaves
+# float32's normal range and the capacitance Cholesky fails. 1e-10 keeps s² ≥ 1e-20, far below any std
+# that matters next to LoRA entries of ~1e-2.
+_LOWRANK_MIN_STD = 1e-10
+
 
 @dataclass(frozen=True)
 class _Spec:
@@ -75,7 +82,8 @@ class BlobGuide(AutoGuide):
     broke in float32 once training shrank σ to ~1e-7 while the factor stayed ~1e-2: the
     capacitance and the Mahalanobis term (a difference of ~1e12-sized sums) lost all precision,
     the log-density turned to noise (KL estimates of ±1e8) and the Cholesky failed.
-    U starts N(0, 0.5/k), so the initial marginal std is ~1.22× the diagonal guide's.
+    U starts N(0, 0.5/k), so the initial marginal std is ~1.22× the diagonal guide's. σ is floored at
+    1e-10 in this family (below, σ² leaves float32's normal range and the Woodbury terms overflow).
 
     :param model: a :class:`~blob_pyro.model.BlobModel` (its ``latent_sites()`` give shapes and
         PEFT's init) or any Pyro model whose latent sites are matrices (set up lazily from a trace).
@@ -155,7 +163,7 @@ class BlobGuide(AutoGuide):
         std = self._std(deep_getattr(self.rho, name))
         if self.covariance == "diagonal":
             return dist.Normal(loc, std).to_event(loc.dim())
-        std = std.reshape(-1)
+        std = std.reshape(-1).clamp_min(_LOWRANK_MIN_STD)
         base = dist.LowRankMultivariateNormal(
             loc.reshape(-1), std.unsqueeze(-1) * deep_getattr(self.corr_factor, name), std.square()
         )
@@ -188,7 +196,7 @@ class BlobGuide(AutoGuide):
             std = self._std(deep_getattr(self.rho, s.name)).detach()
             if self.covariance == "lowrank":
                 extra = deep_getattr(self.corr_factor, s.name).detach().square().sum(-1).reshape(std.shape)
-                std = std * (1 + extra).sqrt()
+                std = std.clamp_min(_LOWRANK_MIN_STD) * (1 + extra).sqrt()
             out[s.name] = std
         return out
 

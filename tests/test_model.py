@@ -323,6 +323,7 @@ def test_lowrank_guide_density_stays_exact_when_stds_collapse(tiny_llama_dir):
         store[f"BlobGuide.loc.{name}"].unconstrained().copy_(0.02 * torch.randn(32, 8))
         rho = store[f"BlobGuide.rho.{name}"].unconstrained()
         rho.copy_(torch.rand_like(rho) * 1e-3)  # std = rho² in [0, 1e-6]
+        rho[:3, 0] = 1e-12  # std 1e-24: its square underflows in float32; the guide floors std at 1e-10
         q = guide.site_distribution(name)
         base = q.base_dist
         dense = dist.MultivariateNormal(base.loc.double(), base.covariance_matrix.double())
@@ -334,6 +335,12 @@ def test_lowrank_guide_density_stays_exact_when_stds_collapse(tiny_llama_dir):
             assert got.item() == pytest.approx(want.item(), rel=1e-4)
     marginal = guide.std()[name].double()
     assert torch.allclose(marginal.reshape(-1), base.covariance_matrix.double().diagonal().sqrt(), rtol=1e-5)
+    # and the reparameterised gradient of the log-density stays finite (a NaN here ended a real run)
+    q = guide.site_distribution(name)
+    q.log_prob(q.rsample()).backward()
+    for key in (f"BlobGuide.loc.{name}", f"BlobGuide.rho.{name}", f"BlobGuide.corr_factor.{name}"):
+        grad = store[key].unconstrained().grad
+        assert grad is not None and torch.isfinite(grad).all(), key
 
 
 def test_logged_kl_is_the_kl_before_the_optimiser_step(tiny_llama_dir):
