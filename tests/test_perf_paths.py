@@ -265,9 +265,10 @@ def test_latent_densities_are_float64_under_autocast(tiny_llama_dir):
     assert kl.item() == pytest.approx(kl_divergence(q.base_dist, p.base_dist).item(), rel=1e-5)
 
 
-def test_bf16_step_trains_and_logs_finite_values(tiny_llama_dir):
+@pytest.mark.parametrize("guide_name", ["blob", "lowrank"])
+def test_bf16_step_trains_and_logs_finite_values(tiny_llama_dir, guide_name):
     model = _llama(tiny_llama_dir, "B", False)
-    guide = make_guide("blob", model)
+    guide = make_guide(guide_name, model)
     stepper = make_stepper(model, guide, max_steps=4, lr=1e-2, autocast_dtype=torch.bfloat16, device="cpu")
     batch = model.head.collate(toy_examples(4))
     records = [stepper.step(batch, 1 / 16, 16) for _ in range(3)]
