@@ -3,8 +3,8 @@
 :class:`BlobGuide` is BLoB's guide: per factor a Gaussian ``Normal(loc, std)`` with
 ``std = rho**2`` (or ``softplus(rho)``), ``loc`` initialised from PEFT's init for that factor and
 ``rho ~ U(eps/sqrt(2), eps)``. ``covariance="lowrank"`` adds a rank-``k`` factor inside each
-matrix (``LowRankMultivariateNormal``, covariance ``diag(std) (I + U Uᵀ) diag(std)``). Pyro's own ``AutoNormal`` and ``AutoDelta`` plug in
-through the same argument::
+matrix (``LowRankMultivariateNormal``, covariance ``diag(std) (I + U Uᵀ) diag(std)``). Pyro's own
+``AutoNormal`` and ``AutoDelta`` plug in through the same argument::
 
     guide = make_guide("blob", model)                  # the paper's mean-field guide
     guide = make_guide("lowrank", model, rank=4)       # low-rank-plus-diagonal per factor
@@ -78,12 +78,12 @@ class BlobGuide(AutoGuide):
     :math:`\mathrm{diag}(\sigma)\,(I + U U^\top)\,\mathrm{diag}(\sigma)` with a learned D×k
     ``corr_factor`` U (D = entries of the factor), i.e. ``LowRankMultivariateNormal(vec(M),
     σ ⊙ U, σ²)``. U is scale-free (as in Pyro's ``AutoLowRankMultivariateNormal``): the Woodbury
-    capacitance :math:`I + U^\top U` does not depend on σ. Storing the covariance factor itself
-    broke in float32 once training shrank σ to ~1e-7 while the factor stayed ~1e-2: the
-    capacitance and the Mahalanobis term (a difference of ~1e12-sized sums) lost all precision,
-    the log-density turned to noise (KL estimates of ±1e8) and the Cholesky failed.
+    capacitance :math:`I + U^\top U` does not depend on σ. Storing the covariance factor W itself
+    broke in float32 once training shrank σ to ~1e-8 while W stayed ~1e-2: the capacitance
+    :math:`I + W^\top \mathrm{diag}(σ^2)^{-1} W` grew to ~1e12 and its Cholesky failed.
     U starts N(0, 0.5/k), so the initial marginal std is ~1.22× the diagonal guide's. σ is floored at
-    1e-10 in this family (below, σ² leaves float32's normal range and the Woodbury terms overflow).
+    1e-10 in this family: the data can drive it towards 0, where σ² leaves float32's normal range
+    and the Woodbury terms overflow.
 
     :param model: a :class:`~blob_pyro.model.BlobModel` (its ``latent_sites()`` give shapes and
         PEFT's init) or any Pyro model whose latent sites are matrices (set up lazily from a trace).
