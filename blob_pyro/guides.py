@@ -155,7 +155,8 @@ class BlobGuide(AutoGuide):
 
     # --- the guide ----------------------------------------------------------------------------
     def _std(self, rho: torch.Tensor) -> torch.Tensor:
-        return rho.square() if self.std_param == "square" else F.softplus(rho)
+        std = rho.square() if self.std_param == "square" else F.softplus(rho)
+        return std.clamp_min(_LOWRANK_MIN_STD) if self.covariance == "lowrank" else std
 
     def site_distribution(self, name: str) -> dist.Distribution:
         """q(factor) for one site, event shape = the factor's shape."""
@@ -163,7 +164,7 @@ class BlobGuide(AutoGuide):
         std = self._std(deep_getattr(self.rho, name))
         if self.covariance == "diagonal":
             return dist.Normal(loc, std).to_event(loc.dim())
-        std = std.reshape(-1).clamp_min(_LOWRANK_MIN_STD)
+        std = std.reshape(-1)
         base = dist.LowRankMultivariateNormal(
             loc.reshape(-1), std.unsqueeze(-1) * deep_getattr(self.corr_factor, name), std.square()
         )
@@ -196,7 +197,7 @@ class BlobGuide(AutoGuide):
             std = self._std(deep_getattr(self.rho, s.name)).detach()
             if self.covariance == "lowrank":
                 extra = deep_getattr(self.corr_factor, s.name).detach().square().sum(-1).reshape(std.shape)
-                std = std.clamp_min(_LOWRANK_MIN_STD) * (1 + extra).sqrt()
+                std = std * (1 + extra).sqrt()
             out[s.name] = std
         return out
 
