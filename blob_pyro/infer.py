@@ -124,7 +124,11 @@ class RecordingTraceMeanFieldELBO(_Recorder, TraceMeanField_ELBO):
 
 
 def kl_terms(model_trace, guide_trace) -> torch.Tensor:
-    """KL(q‖p) summed over latent sites (unscaled): closed form where known, else the MC estimate."""
+    """KL(q‖p) summed over latent sites (unscaled): closed form where known, else the MC estimate.
+
+    For a point-estimate (``Delta``) site the MC term is log δ − log p = −log p(θ), the MAP penalty: what the
+    ELBO optimises, and negative when the prior density exceeds 1 (the KL of a point mass is infinite).
+    """
     total = 0.0
     for name, site in guide_trace.nodes.items():
         if site["type"] != "sample" or site["is_observed"] or name not in model_trace.nodes:
