@@ -10,7 +10,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.json"
 
 
 def test_there_are_committed_grids():
-    assert {p.stem for p in CONFIGS} >= {"bench_cpu", "ood_cpu", "ablations_cpu", "long_budget_cpu",
+    assert {p.stem for p in CONFIGS} >= {"bench_cpu", "ood_cpu", "ablations_cpu", "long_budget_cpu", "ood_long_cpu",
                                          "bench_gpu_llama2_7b"}
 
 
@@ -41,3 +41,15 @@ def test_long_budget_variants_change_one_thing(tmp_path):
     assert by_name["blob_klstd"].kl_schedule == "standard" != ref.kl_schedule
     assert by_name["blob_factorA"].bayesian_factor == "A" != ref.bayesian_factor
     assert by_name["blob_klstd_prior0.05"].prior_scale == 0.05 != ref.prior_scale
+
+
+def test_ood_long_reuses_the_long_budget_cells(tmp_path):
+    """ood_long_cpu promises to evaluate the step-budget check's OpenBookQA runs: same folders, same settings."""
+    load = lambda name: bench.load_grid(Path(CONFIGS[0]).parent / name, data_dir=str(tmp_path),  # noqa: E731
+                                        output_dir=tmp_path / "out", datasets=["openbookqa"], methods=["mle", "blob"])
+    ood, long = load("ood_long_cpu.json"), load("long_budget_cpu.json")
+    assert ood.ood_datasets[:2] == ["arc_challenge", "arc_easy"]
+    pairs = list(zip(bench.cells_of(ood), bench.cells_of(long), strict=True))
+    assert len(pairs) == 6
+    for a, b in pairs:
+        assert a.dir == b.dir and a.member_configs(ood.base) == b.member_configs(long.base)
