@@ -29,9 +29,10 @@ environment, gives each process its slice of every global batch of ``batch_size 
 examples, averages gradients before each optimiser step and averages the logged numbers; see
 :mod:`blob_pyro.distributed`.
 
-Mixed precision (``autocast_dtype``): the network runs under autocast, while the log-densities of the
-latent sites (the KL part of the ELBO) are computed in float64 on the float32 variational parameters,
-as the official code computes its KL (:class:`Float64Latents`).
+Precision: the log-densities of the latent sites (the KL part of the ELBO) are computed in float64 on
+the float32 variational parameters, as the official code computes its KL (:class:`Float64Latents`),
+with or without mixed precision (``autocast_dtype``: the network then runs under autocast). In float32
+the Normal log-density of a draw is NaN once a std falls below ~1e-22 (std² underflows to 0).
 """
 
 from __future__ import annotations
@@ -223,8 +224,8 @@ def _kl_float64(p, q):
 class Float64Latents(Messenger):
     """Wrap the distribution of every latent (unobserved) sample site in :class:`Float64Density`.
 
-    Used around the SVI step under autocast so that the KL part of the ELBO (log q − log p of the
-    draws, or the closed-form KL of ``TraceMeanField_ELBO``) is summed in float64::
+    Used around every SVI step (float32 or autocast) so that the KL part of the ELBO (log q − log p of
+    the draws, or the closed-form KL of ``TraceMeanField_ELBO``) is computed and summed in float64::
 
         with Float64Latents(), torch.autocast("cuda", dtype=torch.bfloat16):
             svi.step(batch)
@@ -288,7 +289,9 @@ def make_stepper(model, guide, *, max_steps: int, lr: float = 5e-4, scale_lr: fl
             with Float64Latents(), torch.autocast(device_type=device_type, dtype=autocast_dtype):
                 yield
     else:
-        amp = contextlib.nullcontext
+        # float32 too: a float32 Normal log-density is NaN once std = rho**2 falls below ~1e-22 (its
+        # variance underflows to 0 and the draw's offset with it: 0/0), which Adam reaches by chance.
+        amp = Float64Latents
     if preset == "paper":
         return _paper_stepper(model, guide, lr=lr, kl_lr=kl_lr, max_steps=max_steps, warmup_ratio=warmup_ratio,
                               flip=flip, amp=amp, device=device)
