@@ -47,6 +47,7 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
 from . import arviz_io
+from .infer import Float64Latents
 
 __all__ = ["VIDiagnostic", "log_importance_ratios", "pareto_k", "vi_pareto_k", "khat_reading", "khat_threshold",
            "loo_summary", "heldout_elpd", "compare"]
@@ -124,14 +125,16 @@ def log_importance_ratios(model, guide, batches, *, num_samples: int, num_data: 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for s in range(num_samples):
-            guide_trace = poutine.trace(guide).get_trace(batches[0])
+            with Float64Latents():  # float32 log-densities are NaN once a std is below ~1e-22
+                guide_trace = poutine.trace(guide).get_trace(batches[0])
             log_q = torch.zeros((), dtype=torch.float64)
             for site in guide_trace.nodes.values():
                 if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site):
                     log_q = log_q + site["fn"].log_prob(site["value"]).double().sum().cpu()
             log_lik, count, log_prior = torch.zeros((), dtype=torch.float64), 0, None
             for batch in batches:
-                tr = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(batch)
+                with Float64Latents():
+                    tr = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(batch)
                 obs = tr.nodes[obs_site]
                 lp = obs["fn"].log_prob(obs["value"])
                 log_lik = log_lik + lp.double().sum().cpu()

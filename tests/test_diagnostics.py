@@ -133,3 +133,19 @@ def test_plot_importance_ratios():
     with pytest.raises(ValueError):
         plot_importance_ratios(np.array([np.nan]))
     plt.close("all")
+
+
+def test_ratios_stay_finite_for_a_collapsed_float32_std():
+    # A long BLoB run drives stds to 1e-18..1e-22; at 1e-24 the float32 Normal log-density is 0/0 = NaN.
+    def model(y):
+        theta = pyro.sample("theta", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        with pyro.plate("data", y.shape[0]):
+            pyro.sample("obs", dist.Normal(theta.sum(), 1.0), obs=y)
+
+    def guide(y):
+        pyro.sample("theta", dist.Normal(torch.zeros(2), torch.tensor([1e-24, 0.1])).to_event(1))
+
+    assert torch.isnan(dist.Normal(torch.zeros(1), 1e-24).log_prob(torch.zeros(1))).all()  # the float32 trap
+    out = log_importance_ratios(model, guide, [torch.zeros(5)], num_samples=3, seed=0)
+    assert np.isfinite(out["log_q"]).all() and np.isfinite(out["log_ratio"]).all()
+    assert out["log_q"][0] > 50  # -log(1e-24) dominates: the density of the collapsed coordinate, in float64
