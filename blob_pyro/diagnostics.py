@@ -122,19 +122,18 @@ def log_importance_ratios(model, guide, batches, *, num_samples: int, num_data: 
     """
     out = {k: np.empty(num_samples) for k in ("log_ratio", "log_prior", "log_lik", "log_q")}
     n_obs = None
-    with torch.random.fork_rng(devices=[]):
+    # Float64Latents: float32 latent log-densities are NaN once a std is below ~1e-22 (collapsed posteriors)
+    with torch.random.fork_rng(devices=[]), Float64Latents():
         torch.manual_seed(seed)
         for s in range(num_samples):
-            with Float64Latents():  # float32 log-densities are NaN once a std is below ~1e-22
-                guide_trace = poutine.trace(guide).get_trace(batches[0])
+            guide_trace = poutine.trace(guide).get_trace(batches[0])
             log_q = torch.zeros((), dtype=torch.float64)
             for site in guide_trace.nodes.values():
                 if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site):
                     log_q = log_q + site["fn"].log_prob(site["value"]).double().sum().cpu()
             log_lik, count, log_prior = torch.zeros((), dtype=torch.float64), 0, None
             for batch in batches:
-                with Float64Latents():
-                    tr = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(batch)
+                tr = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(batch)
                 obs = tr.nodes[obs_site]
                 lp = obs["fn"].log_prob(obs["value"])
                 log_lik = log_lik + lp.double().sum().cpu()
