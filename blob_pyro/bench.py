@@ -4,6 +4,8 @@
 
     python -m blob_pyro.bench run configs/bench_cpu.json --data-dir ../shared/data       # the CPU protocol
     python -m blob_pyro.bench run configs/bench_cpu.json --methods mle blob --datasets winogrande_s --seeds 1
+        # runs only those cells; results.csv / .md still cover every finished cell of the grid, so
+        # several such picks (e.g. one process per core) share one output folder and one table
     python -m blob_pyro.bench run configs/ood_cpu.json --data-dir ../shared/data         # train on OBQA, test OOD
     python -m blob_pyro.bench run configs/bench_cpu.json --dry-run                       # list cells: done / to do
     python -m blob_pyro.bench report configs/bench_cpu.json                              # tables + plots only
@@ -617,10 +619,15 @@ def run_ood(cell: Cell, grid: Grid, datasets: list[str], *, progress: bool = Tru
 
 
 # ---- the grid -------------------------------------------------------------------------------------
-def run_grid(grid: Grid, *, progress: bool = True, keep_going: bool = False) -> list[dict]:
-    """Run every unfinished cell (then its OOD evaluations), write results.csv / results.md / plots."""
+def run_grid(grid: Grid, *, progress: bool = True, keep_going: bool = False, whole: Grid | None = None) -> list[dict]:
+    """Run every unfinished cell (then its OOD evaluations), write results.csv / results.md / plots.
+
+    ``whole``: the grid ``grid`` was narrowed from (``--methods/--datasets/--seeds``); the results then cover
+    every finished cell of it, so a grid run in pieces (one process per pick) keeps one complete table.
+    """
     import torch
 
+    whole = whole or grid
     cells = cells_of(grid)
     ood, skipped = available_ood(grid) if grid.ood_datasets else ([], [])
     for msg in skipped:
@@ -628,8 +635,10 @@ def run_grid(grid: Grid, *, progress: bool = True, keep_going: bool = False) -> 
     _preflight(grid)
     grid.report_dir.mkdir(parents=True, exist_ok=True)
     _write_json(grid.report_dir / "grid.json", {
-        "source": grid.source, "name": grid.name, "base": grid.base, "datasets": grid.datasets, "seeds": grid.seeds,
-        "entries": [dataclasses.asdict(e) for e in grid.entries], "ood_datasets": ood, "skipped_ood": skipped,
+        "source": whole.source, "name": whole.name, "base": whole.base, "datasets": whole.datasets,
+        "seeds": whole.seeds, "entries": [dataclasses.asdict(e) for e in whole.entries], "ood_datasets": ood,
+        "skipped_ood": skipped, "last_run": {"methods": [e.name for e in grid.entries], "datasets": grid.datasets,
+                                             "seeds": grid.seeds},
         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "argv": sys.argv})
     failures = []
     t_grid = time.perf_counter()
@@ -659,8 +668,8 @@ def run_grid(grid: Grid, *, progress: bool = True, keep_going: bool = False) -> 
         summary = ", ".join(f"{r} acc {100 * m['accuracy']:.1f} ece {100 * m['ece']:.1f} nll {m['nll']:.3f}"
                             for r, m in rows.items())
         _say(f"{tag}: done in {time.perf_counter() - t0:.0f}s ({summary})")
-        write_csv(grid, collect_rows(grid, ood))
-    rows = report(grid, ood=ood, skipped=skipped)
+        write_csv(whole, collect_rows(whole, ood))
+    rows = report(whole, ood=ood, skipped=skipped)
     _say(f"grid {grid.name}: {len(cells)} cells, {time.perf_counter() - t_grid:.0f}s this invocation; "
          f"results in {grid.report_dir}")
     if failures:
@@ -738,15 +747,20 @@ def _mean_confidence(run_dir: Path, eval_dataset: str, dataset: str, row: str, c
 
 
 def write_csv(grid: Grid, rows: list[dict]) -> Path:
+    """results.csv, replaced atomically through a private temporary file: runner processes that share an output
+    folder (one per --methods pick) may rewrite it at the same moment."""
+    import io
+
+    from .runs import atomic_write_text
+
     grid.report_dir.mkdir(parents=True, exist_ok=True)
     path = grid.report_dir / "results.csv"
-    tmp = path.with_name(".results.csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_COLUMNS})
-    os.replace(tmp, path)
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_COLUMNS})
+    atomic_write_text(path, buf.getvalue())
     return path
 
 
@@ -921,7 +935,9 @@ def report(grid: Grid, *, ood: list[str] | None = None, skipped: list[str] = (),
     write_csv(grid, rows)
     if not rows:
         return rows
-    (grid.report_dir / "results.md").write_text(results_markdown(grid, rows, skipped))
+    from .runs import atomic_write_text
+
+    atomic_write_text(grid.report_dir / "results.md", results_markdown(grid, rows, skipped))
     if plots:
         write_plots(grid, rows)
     return rows
@@ -1103,7 +1119,10 @@ def main(argv: list[str] | None = None) -> int:
                 status = "done" if is_complete(cell, ood) else "trained, predictions to add" if is_finished(cell) else "to do"
                 print(f"[{i}] {cell.label}: {status}  {cell.dir}")
         else:
-            run_grid(grid, progress=not args.quiet, keep_going=args.keep_going)
+            narrowed = args.methods or args.datasets or args.seeds
+            whole = load_grid(args.config, overrides=_parse_set(args.set), data_dir=args.data_dir,
+                              output_dir=args.out) if narrowed else grid
+            run_grid(grid, progress=not args.quiet, keep_going=args.keep_going, whole=whole)
             print((grid.report_dir / "results.md").read_text() if (grid.report_dir / "results.md").is_file() else "")
     except BenchError as err:
         cause = err.__cause__

@@ -90,6 +90,27 @@ def test_second_invocation_skips_finished_cells_and_redoes_a_half_done_one(smoke
     assert "[2/2] blob | winogrande_s | seed 1: finished earlier, skipped" in capsys.readouterr().err
 
 
+def test_a_narrowed_run_reports_every_finished_cell_of_the_grid(smoke, capsys):
+    # a grid run in pieces (one process per --methods pick, as the benchmark notes do) keeps one whole table
+    config, out, data_dir = smoke
+    assert _run(config, out, data_dir, "--methods", "blob") == 0
+    assert "[1/1] blob | winogrande_s | seed 1: finished earlier, skipped" in capsys.readouterr().err
+    report = out / "smoke"
+    with open(report / "results.csv") as f:
+        assert [r["method"] for r in csv.DictReader(f)] == ["mle", "blob", "blob_mean"]
+    md = (report / "results.md").read_text()
+    assert "| mle |" in md and "| blob |" in md
+    assert (report / "plots" / "reliability_winogrande_s__mle.png").is_file()
+    meta = json.loads((report / "grid.json").read_text())
+    assert [e["name"] for e in meta["entries"]] == ["mle", "blob"] and meta["last_run"]["methods"] == ["blob"]
+    assert not [p.name for p in report.iterdir() if p.name.startswith(".")]  # no temporary files left behind
+    # `report` with a pick is a deliberate narrowing and stays one
+    assert bench.main(["report", str(config), "--out", str(out), "--data-dir", str(data_dir), "--methods", "mle"]) == 0
+    with open(report / "results.csv") as f:
+        assert [r["method"] for r in csv.DictReader(f)] == ["mle"]
+    assert _run(config, out, data_dir) == 0  # back to the whole table for the tests that follow
+
+
 def test_finished_cell_with_other_settings_is_refused(smoke, capsys):
     config, out, data_dir = smoke
     assert _run(config, out, data_dir, "--set", "max_steps=3") == 1
