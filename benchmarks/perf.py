@@ -337,8 +337,10 @@ def memory_child(args) -> dict:
 
 
 def run_memory_child(kind: str, args, seq_len: int, lora_layers=None) -> dict:
+    # the child must import what this process imports: the repo first, then any PYTHONPATH the caller set
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536",  # big blocks go back to the OS when freed
-               OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONPATH=str(REPO))
+               OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONPATH=path)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child-memory", kind, "--seq-len", str(seq_len),
            "--batch", str(args.batch), "--device", args.device, "--model", args.model]
     if lora_layers is not None:

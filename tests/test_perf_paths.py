@@ -317,6 +317,33 @@ def test_gpu_check_script_logic_on_cpu(tmp_path):
     assert "**Training step**" in md and "**Targets**" in md
 
 
+@pytest.mark.parametrize("inherited", [None, "/opt/extra-site"])
+def test_perf_memory_child_keeps_the_callers_pythonpath(monkeypatch, inherited):
+    """The memory children must import what the parent imports: packages a caller put on PYTHONPATH (wheels
+    unpacked into a folder, as on the GPU machine where this failed) come after the repo, not instead of it."""
+    import importlib.util
+    import types
+
+    spec = importlib.util.spec_from_file_location("perf_under_test", REPO / "benchmarks" / "perf.py")
+    perf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(perf)
+    if inherited is None:
+        monkeypatch.delenv("PYTHONPATH", raising=False)
+    else:
+        monkeypatch.setenv("PYTHONPATH", inherited)
+    seen = {}
+
+    def fake_run(cmd, env, **kwargs):
+        seen["env"] = env
+        return subprocess.CompletedProcess(cmd, 0, stdout='{"kind": "rss", "peak_mb": 1.0}\n', stderr="")
+
+    monkeypatch.setattr(perf.subprocess, "run", fake_run)
+    out = perf.run_memory_child("mle", types.SimpleNamespace(batch=2, device="cpu", model="minilm"), 32)
+    assert out == {"kind": "rss", "peak_mb": 1.0}
+    expected = [str(REPO)] + ([inherited] if inherited else [])
+    assert seen["env"]["PYTHONPATH"].split(os.pathsep) == expected
+
+
 def test_bf16_cpu_prediction_stays_close_to_float32(one_thread):
     """The CPU benchmark runs under bf16 autocast: its probabilities must stay close to float32's."""
     from blob_pyro.predictive import predict
