@@ -794,7 +794,13 @@ def summarize(rows: list[dict]) -> tuple[list[str], list[str], dict]:
 
 
 def markdown_table(rows: list[dict], metric: str, *, scale: float = 1.0, digits: int = 2) -> str:
+    """Mean ± sample std over seeds per (row, column).
+
+    A cell with fewer seeds than the table's fullest cell says how many it has, so that a half-done grid's
+    2-seed mean is not read as a 3-seed one; a single seed has no std and shows none.
+    """
     names, cols, cells = summarize(rows)
+    full = max((len(c.get(metric) or []) for c in cells.values()), default=0)
     lines = ["| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for name in names:
         out = []
@@ -804,7 +810,11 @@ def markdown_table(rows: list[dict], metric: str, *, scale: float = 1.0, digits:
                 out.append("–")
                 continue
             mean, std = _mean_std([v * scale for v in values])
-            out.append(f"{mean:.{digits}f} ± {std:.{digits}f}" + ("" if len(values) > 1 else " (1 seed)"))
+            if len(values) == 1:
+                out.append(f"{mean:.{digits}f} (1 seed)")
+            else:
+                out.append(f"{mean:.{digits}f} ± {std:.{digits}f}"
+                           + (f" ({len(values)} seeds)" if len(values) < full else ""))
         lines.append(f"| {name} | " + " | ".join(out) + " |")
     return "\n".join(lines)
 
@@ -815,7 +825,8 @@ def results_markdown(grid: Grid, rows: list[dict], skipped_ood: list[str] = ()) 
     lines = [f"# {grid.name}", "",
              f"Grid `{grid.source}`: backbone `{cfg0.model}`, {cfg0.max_steps} steps × batch {cfg0.batch_size}, "
              f"seeds {seeds}, {cfg0.num_samples} samples for the stochastic methods; mean ± sample std "
-             f"over seeds. ACC and ECE in % (×100, as the paper), NLL and Brier as is.", ""]
+             f"over seeds (a cell with fewer seeds than the others says how many). ACC and ECE in % (×100, as "
+             f"the paper), NLL and Brier as is.", ""]
     for title, metric, scale, digits in (("ACC (%) ↑", "accuracy", 100, 2), ("ECE (%) ↓", "ece", 100, 2),
                                          ("NLL ↓", "nll", 1, 3), ("Brier ↓", "brier", 1, 3)):
         lines += [f"## {title}", "", markdown_table(rows, metric, scale=scale, digits=digits), ""]
@@ -841,17 +852,28 @@ def targets_markdown(rows: list[dict]) -> list[str]:
     """The issue's targets per in-distribution dataset, from the seed means of ``mle``, ``blob``, ``blob_mean``.
 
     BLoB (N=10) ECE at most half of MLE's; BLoB accuracy at most 1 point below MLE's; BLoB NLL below MLE's;
-    ECE ordering MLE > BLoB N=0 > BLoB N=10. Empty when the three rows are not all there.
+    ECE ordering MLE > BLoB N=0 > BLoB N=10. The means are over the seeds that all three rows have (a paired
+    comparison), and a note names the seeds left out when a half-done grid has more for some row. Empty when
+    the three rows share no seed.
     """
-    own = [r for r in rows if r["eval_dataset"] == r["dataset"]]
-    _, cols, cells = summarize(own)
     need = ("mle", "blob", "blob_mean")
-    cols = [c for c in cols if all((m, c) in cells for m in need)]
-    if not cols:
+    multi = len({r["dataset"] for r in rows}) > 1
+    by: dict = {}  # column -> method -> seed -> row
+    for r in rows:
+        if r["eval_dataset"] == r["dataset"] and r["method"] in need:
+            by.setdefault(_column(r, multi), {}).setdefault(r["method"], {})[str(r["seed"])] = r
+    table, notes = [], []
+    for col, methods in by.items():
+        seeds = set.intersection(*(set(methods.get(m, {})) for m in need))
+        if not seeds:
+            continue
+        table.append((col, methods, sorted(seeds, key=_seed_key)))
+        extra = set().union(*(set(methods.get(m, {})) for m in need)) - seeds
+        if extra:
+            notes.append(f"- {col}: seeds {', '.join(sorted(seeds, key=_seed_key))} (those all three rows have); "
+                         f"left out: {', '.join(sorted(extra, key=_seed_key))}.")
+    if not table:
         return []
-
-    def mean(method, col, metric):
-        return statistics.fmean(cells[(method, col)][metric])
 
     def mark(ok):
         return "yes" if ok else "**no**"
@@ -859,15 +881,22 @@ def targets_markdown(rows: list[dict]) -> list[str]:
     lines = ["## Targets (seed means)", "",
              "| dataset | ECE blob / mle | ≤ ½? | ACC blob − mle (pt) | ≥ −1? | NLL blob − mle | < 0? | "
              "ECE mle > blob_mean > blob? |", "|---|---|---|---|---|---|---|---|"]
-    for c in cols:
-        e_mle, e_n0, e_b = (mean(m, c, "ece") for m in ("mle", "blob_mean", "blob"))
+    for col, methods, seeds in table:
+        def mean(method, metric):
+            return statistics.fmean(float(methods[method][s][metric]) for s in seeds)
+
+        e_mle, e_n0, e_b = (mean(m, "ece") for m in ("mle", "blob_mean", "blob"))
         ratio = e_b / e_mle if e_mle > 0 else float("inf")
-        dacc = 100 * (mean("blob", c, "accuracy") - mean("mle", c, "accuracy"))
-        dnll = mean("blob", c, "nll") - mean("mle", c, "nll")
-        lines.append(f"| {c} | {100 * e_b:.2f} / {100 * e_mle:.2f} = {ratio:.2f} | {mark(ratio <= 0.5)} | "
+        dacc = 100 * (mean("blob", "accuracy") - mean("mle", "accuracy"))
+        dnll = mean("blob", "nll") - mean("mle", "nll")
+        lines.append(f"| {col} | {100 * e_b:.2f} / {100 * e_mle:.2f} = {ratio:.2f} | {mark(ratio <= 0.5)} | "
                      f"{dacc:+.2f} | {mark(dacc >= -1 - 1e-9)} | {dnll:+.4f} | {mark(dnll < 0)} | "
                      f"{100 * e_mle:.2f} > {100 * e_n0:.2f} > {100 * e_b:.2f}: {mark(e_mle > e_n0 > e_b)} |")
-    return lines + [""]
+    return lines + ([""] + notes if notes else []) + [""]
+
+
+def _seed_key(seed: str):
+    return (0, int(seed), "") if seed.lstrip("-").isdigit() else (1, 0, seed)
 
 
 def _total_seconds(rows: list[dict]) -> float:

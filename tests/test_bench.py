@@ -53,7 +53,7 @@ def test_runner_writes_results_table_and_plots(smoke):
         assert f"## {title}" in md
     assert "| method | winogrande_s |" in md and "| blob_mean |" in md
     acc = 100 * float(rows[0]["accuracy"])
-    assert f"| mle | {acc:.2f} ± 0.00 (1 seed) |" in md
+    assert f"| mle | {acc:.2f} (1 seed) |" in md  # one seed: no std to show
     for name in ("reliability_winogrande_s__mle.png", "reliability_winogrande_s__blob.png",
                  "reliability_winogrande_s__blob_mean.png", "metrics_winogrande_s.png"):
         png = report / "plots" / name
@@ -68,7 +68,7 @@ def test_runner_writes_results_table_and_plots(smoke):
     for r in rows[1:]:
         expected = saved[f"{r['method']}.probs"].max(-1).values.mean().item()
         assert abs(float(r["confidence"]) - expected) < 1e-6
-    assert "## Mean confidence (%)" in md and f"| blob | {100 * float(rows[1]['confidence']):.2f} ± 0.00 (1 seed) |" in md
+    assert "## Mean confidence (%)" in md and f"| blob | {100 * float(rows[1]['confidence']):.2f} (1 seed) |" in md
 
 
 def test_second_invocation_skips_finished_cells_and_redoes_a_half_done_one(smoke, monkeypatch, capsys):
@@ -207,6 +207,23 @@ def test_targets_table_reads_the_seed_means():
     cells = [c.strip() for c in bench.targets_markdown(rows)[4].split("|")[1:-1]]
     assert cells[1] == "8.50 / 15.00 = 0.57" and cells[2] == "**no**"
     assert bench.targets_markdown([r for r in rows if r["method"] != "blob_mean"]) == []
+    # a half-done grid: blob's seed 3 has no mle / blob_mean partner, so it stays out of the means and is named
+    lines = bench.targets_markdown(rows + [row("blob", 3, 0.10, 0.90, 9.0)])
+    cells = [c.strip() for c in lines[4].split("|")[1:-1]]
+    assert cells[1] == "8.50 / 15.00 = 0.57" and cells[3] == "-1.00"
+    assert "- d: seeds 1, 2 (those all three rows have); left out: 3." in lines
+
+
+def test_markdown_table_marks_cells_with_fewer_seeds():
+    def row(method, seed, acc):
+        return {"method": method, "dataset": "d", "eval_dataset": "d", "seed": seed, "accuracy": acc}
+
+    rows = [row("mle", 1, 0.5), row("mle", 2, 0.6), row("mle", 3, 0.7), row("blob", 1, 0.4), row("blob", 2, 0.6),
+            row("map", 1, 0.55)]
+    lines = bench.markdown_table(rows, "accuracy", scale=100).splitlines()
+    assert lines[2] == "| mle | 60.00 ± 10.00 |"
+    assert lines[3] == "| blob | 50.00 ± 14.14 (2 seeds) |"
+    assert lines[4] == "| map | 55.00 (1 seed) |"
 
 
 def test_posterior_spread_script_reads_finished_runs(smoke, tmp_path):
