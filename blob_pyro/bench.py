@@ -627,6 +627,8 @@ def run_grid(grid: Grid, *, progress: bool = True, keep_going: bool = False, who
     """
     import torch
 
+    from .runs import _versions
+
     whole = whole or grid
     cells = cells_of(grid)
     ood, skipped = available_ood(grid) if grid.ood_datasets else ([], [])
@@ -639,7 +641,8 @@ def run_grid(grid: Grid, *, progress: bool = True, keep_going: bool = False, who
         "seeds": whole.seeds, "entries": [dataclasses.asdict(e) for e in whole.entries], "ood_datasets": ood,
         "skipped_ood": skipped, "last_run": {"methods": [e.name for e in grid.entries], "datasets": grid.datasets,
                                              "seeds": grid.seeds},
-        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "argv": sys.argv})
+        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "argv": sys.argv,
+        "versions": _versions()})
     failures = []
     t_grid = time.perf_counter()
     for i, cell in enumerate(cells, 1):

@@ -11,7 +11,7 @@
 
 A run directory::
 
-    config.json               everything needed to reproduce (settings, versions, git commit)
+    config.json               everything needed to reproduce (settings, versions, git commit, CPU kernel level)
     train_log.jsonl           one JSON record per step
     checkpoint.safetensors    resumable training state (--checkpoint-every K, Ctrl-C; see blob_pyro.checkpoint)
     adapter/                  vanilla PEFT adapter holding the posterior mean (PeftModel.from_pretrained)
@@ -154,11 +154,19 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def _versions() -> dict:
+    """Library versions, git commit and the compute a run used.
+
+    ``cpu_capability`` is the SIMD level torch dispatches its CPU kernels to ("AVX512", "AVX2", ...): the same
+    seed and settings give bit-identical results only on the same level, since the kernels round differently
+    (measured: a 250-step WinoGrande-S ``mle`` run, AVX2 vs AVX512, dev accuracy 49.49 % vs 49.25 %).
+    """
     import peft
     import transformers
 
     out = {"python": platform.python_version(), "torch": torch.__version__, "pyro": pyro.__version__,
-           "transformers": transformers.__version__, "peft": peft.__version__}
+           "transformers": transformers.__version__, "peft": peft.__version__,
+           "machine": platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     try:
         from importlib.metadata import version
 

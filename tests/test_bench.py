@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from blob_pyro import bench
@@ -103,6 +104,8 @@ def test_a_narrowed_run_reports_every_finished_cell_of_the_grid(smoke, capsys):
     assert (report / "plots" / "reliability_winogrande_s__mle.png").is_file()
     meta = json.loads((report / "grid.json").read_text())
     assert [e["name"] for e in meta["entries"]] == ["mle", "blob"] and meta["last_run"]["methods"] == ["blob"]
+    assert meta["versions"]["torch"] == torch.__version__  # which libraries and CPU kernels ran the grid
+    assert meta["versions"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert not [p.name for p in report.iterdir() if p.name.startswith(".")]  # no temporary files left behind
     # `report` with a pick is a deliberate narrowing and stays one
     assert bench.main(["report", str(config), "--out", str(out), "--data-dir", str(data_dir), "--methods", "mle"]) == 0

@@ -321,8 +321,12 @@ def test_same_seed_gives_identical_metrics_and_config_records_versions(data_dir,
     assert (tmp_path / "again" / "metrics.json").read_text() == (reference / "metrics.json").read_text()
     assert metrics == json.loads((reference / "metrics.json").read_text())
     versions = json.loads((reference / "config.json").read_text())["versions"]
-    assert {"python", "torch", "pyro", "transformers", "peft", "blob_pyro", "git_commit"} <= set(versions)
+    assert {"python", "torch", "pyro", "transformers", "peft", "blob_pyro", "git_commit", "machine",
+            "cpu_capability", "cuda_device"} <= set(versions)
     assert versions["torch"] == torch.__version__ and versions["pyro"] == pyro.__version__
+    # bit-for-bit reproducibility holds per CPU kernel level: the record says which one ran
+    assert versions["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert versions["cuda_device"] == (torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
     if (REPO / ".git").exists():
         assert isinstance(versions["git_commit"], str) and len(versions["git_commit"]) == 40
 
