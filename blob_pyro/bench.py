@@ -9,6 +9,8 @@
     python -m blob_pyro.bench run configs/ood_cpu.json --data-dir ../shared/data         # train on OBQA, test OOD
     python -m blob_pyro.bench run configs/bench_cpu.json --dry-run                       # list cells: done / to do
     python -m blob_pyro.bench report configs/bench_cpu.json                              # tables + plots only
+    python -m blob_pyro.bench merge configs/bench_cpu.json --from other/bench_cpu/results.csv
+        # adds the rows of cells run elsewhere (another machine, another --out) to the grid's table
     python -m blob_pyro.bench pilot configs/bench_cpu.json --data-dir ../shared/data     # time it, pick the budget
     python scripts/reproduce.py configs/bench_cpu.json --data-dir ../shared/data         # = bench run
 
@@ -975,6 +977,75 @@ def report(grid: Grid, *, ood: list[str] | None = None, skipped: list[str] = (),
     return rows
 
 
+# ---- merge: one table from cells run in several output folders (e.g. on several machines) ----------
+_ROW_KEY = ("entry", "method", "dataset", "eval_dataset", "seed")
+
+
+def _read_rows(path: Path) -> list[dict]:
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise BenchError(f"cannot read {path}: {err}") from None
+    missing = [c for c in _ROW_KEY + METRIC_NAMES if rows and c not in rows[0]]
+    if missing:
+        raise BenchError(f"{path} is not a results.csv of this runner (no column {missing[0]!r})")
+    return rows
+
+
+def merge_results(grid: Grid, sources: list) -> list[dict]:
+    """Merge ``results.csv`` files into the grid's report folder: results.csv, results.md, metric bar charts.
+
+    The report folder's own results.csv (if any) comes first, then each source; a row (entry, result row, train and
+    eval dataset, seed) found in several files must have the same metrics in all of them, else nothing is written.
+    Rows are kept in grid order (datasets as given, seeds, entries, rows). Reliability diagrams pool the saved
+    predictions of every seed, which a results.csv does not hold, so they are left as they are.
+    """
+    from .plots import plot_metric_comparison, save_figure
+    from .runs import atomic_write_text
+
+    own = grid.report_dir / "results.csv"
+    files = ([own] if own.is_file() else []) + [Path(s) for s in sources]
+    entries = {e.name: i for i, e in enumerate(grid.entries)}
+    row_pos = {r: i for e in grid.entries for i, r in enumerate(e.predict)}
+    datasets = {d: i for i, d in enumerate(grid.datasets)}
+    merged: dict = {}
+    for path in files:
+        for r in _read_rows(path):
+            if r["entry"] not in entries or r["method"] not in row_pos or r["dataset"] not in datasets:
+                raise BenchError(f"{path}: row {r['method']!r} of entry {r['entry']!r} on {r['dataset']!r} is not "
+                                 f"in the grid {grid.source} (its entries, rows and datasets)")
+            key = tuple(r[k] for k in _ROW_KEY)
+            old = merged.get(key)
+            if old is not None and any(old[k] != r[k] for k in METRIC_NAMES):
+                raise BenchError(f"{path}: row {'/'.join(key)} differs from the one already merged "
+                                 f"({', '.join(f'{k} {old[k]} vs {r[k]}' for k in METRIC_NAMES if old[k] != r[k])})")
+            merged.setdefault(key, r)
+    ood = {d: i for i, d in enumerate(grid.ood_datasets)}
+
+    def order(r):
+        own_split = r["eval_dataset"] == r["dataset"]
+        return (datasets[r["dataset"]], _seed_key(str(r["seed"])), entries[r["entry"]], not own_split,
+                ood.get(r["eval_dataset"], len(ood)), r["eval_dataset"], row_pos[r["method"]])
+
+    rows = []
+    for r in sorted(merged.values(), key=order):
+        t = {k: (None if v == "" else v) for k, v in r.items()}
+        t["seed"] = int(t["seed"]) if str(t["seed"]).lstrip("-").isdigit() else t["seed"]
+        rows.append(t)
+    write_csv(grid, rows)
+    if rows:
+        atomic_write_text(grid.report_dir / "results.md", results_markdown(grid, rows))
+        names, cols, cells = summarize(rows)
+        for col in cols:
+            results = {n: {k: cells[(n, col)][k] for k in ("accuracy", "ece", "nll")} for n in names
+                       if (n, col) in cells}
+            fig = plot_metric_comparison(results, percent=True)
+            fig.suptitle(col)
+            save_figure(fig, grid.report_dir / "plots" / f"metrics_{_safe(col)}.png")
+    return rows
+
+
 # ---- pilot: time a few steps and one pass over each dev split, derive the step budget --------------
 def _stochastic_pass(cfg: TrainConfig, samples: int) -> bool:
     """Does a prediction pass run Flipout draws (costlier than a plain forward)?"""
@@ -1102,7 +1173,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name, helptext in (("run", "run (or resume) a grid, then write results"),
                            ("report", "write results.csv / results.md / plots from the finished cells"),
-                           ("pilot", "time a few steps and examples per dataset; print the step budget")):
+                           ("pilot", "time a few steps and examples per dataset; print the step budget"),
+                           ("merge", "add the rows of other results.csv files to the grid's results and re-render")):
         q = sub.add_parser(name, help=helptext)
         q.add_argument("config", help="grid file (JSON or YAML)")
         q.add_argument("--out", help="output folder (default: the grid's output_dir)")
@@ -1115,6 +1187,9 @@ def _parser() -> argparse.ArgumentParser:
         if name == "run":
             q.add_argument("--keep-going", action="store_true", help="run the other cells when one fails")
             q.add_argument("--dry-run", action="store_true", help="list the cells and whether they are done")
+        if name == "merge":
+            q.add_argument("--from", dest="sources", nargs="+", required=True, metavar="RESULTS_CSV",
+                           help="results.csv files of other output folders (or machines) to add")
         if name == "pilot":
             q.add_argument("--steps", type=int, default=4, help="timed training steps per run (after 1 warm-up)")
             q.add_argument("--examples", type=int, default=None, help="time this many dev examples (default: all)")
@@ -1144,6 +1219,9 @@ def main(argv: list[str] | None = None) -> int:
                         efficiency=args.efficiency, progress=not args.quiet))
         elif args.command == "report":
             rows = report(grid)
+            print(f"{len(rows)} rows -> {grid.report_dir}")
+        elif args.command == "merge":
+            rows = merge_results(grid, args.sources)
             print(f"{len(rows)} rows -> {grid.report_dir}")
         elif args.dry_run:
             ood, _ = available_ood(grid) if grid.ood_datasets else ([], [])

@@ -1,0 +1,90 @@
+"""`bench merge`: one table from results.csv files written in several output folders (e.g. on other machines)."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from blob_pyro import bench
+
+GRID = {"name": "g", "base": {"model": "minilm", "max_steps": 2, "batch_size": 4},
+        "methods": ["mle", "blob"], "datasets": ["winogrande_s", "arc_easy"], "seeds": [1, 2]}
+
+
+def _row(method, dataset, seed, acc, entry=None):
+    entry = entry or ("blob" if method.startswith("blob") else method)
+    return {"method": method, "entry": entry, "trained_as": entry, "dataset": dataset, "eval_dataset": dataset,
+            "seed": seed, "num_samples": 0, "accuracy": acc, "ece": acc / 10, "nll": 1 - acc, "brier": 0.5,
+            "confidence": "", "num_examples": 100, "train_seconds": 10.0, "eval_seconds": 2.0, "setup_seconds": 1.0,
+            "max_steps": 2, "batch_size": 4, "run_dir": f"elsewhere/{dataset}/{entry}/seed{seed}"}
+
+
+def _csv(path: Path, rows) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=bench.CSV_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def _read(path: Path):
+    with open(path, newline="") as f:
+        return [(r["dataset"], r["seed"], r["method"], r["accuracy"]) for r in csv.DictReader(f)]
+
+
+@pytest.fixture
+def grid_file(tmp_path):
+    path = tmp_path / "grid.json"
+    path.write_text(json.dumps(GRID))
+    return path
+
+
+def test_merge_adds_rows_in_grid_order_and_renders_the_table(grid_file, tmp_path):
+    out = tmp_path / "out"
+    # the folder's own results (seed 1) first, then cells run elsewhere (seed 2), given out of order
+    _csv(out / "g" / "results.csv", [_row("mle", "winogrande_s", 1, 0.5), _row("blob", "winogrande_s", 1, 0.6),
+                                     _row("blob_mean", "winogrande_s", 1, 0.55)])
+    other = _csv(tmp_path / "other.csv", [_row("blob_mean", "winogrande_s", 2, 0.45), _row("blob", "winogrande_s", 2, 0.4),
+                                          _row("mle", "arc_easy", 2, 0.3), _row("mle", "winogrande_s", 2, 0.7),
+                                          _row("mle", "winogrande_s", 1, 0.5)])  # a repeat, equal: kept once
+    assert bench.main(["merge", str(grid_file), "--out", str(out), "--from", str(other)]) == 0
+    rows = _read(out / "g" / "results.csv")
+    assert rows == [("winogrande_s", "1", "mle", "0.5"), ("winogrande_s", "1", "blob", "0.6"),
+                    ("winogrande_s", "1", "blob_mean", "0.55"), ("winogrande_s", "2", "mle", "0.7"),
+                    ("winogrande_s", "2", "blob", "0.4"), ("winogrande_s", "2", "blob_mean", "0.45"),
+                    ("arc_easy", "2", "mle", "0.3")]
+    md = (out / "g" / "results.md").read_text()
+    assert "| mle | 60.00 ± 14.14 | 30.00 (1 seed) |" in md  # mean ± std over the two merged seeds
+    assert "| blob | 50.00 ± 14.14 | – |" in md
+    assert (out / "g" / "plots" / "metrics_winogrande_s.png").is_file()
+    assert (out / "g" / "plots" / "metrics_arc_easy.png").is_file()
+
+
+def test_merge_refuses_a_row_that_differs_and_writes_nothing(grid_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    mine = _csv(out / "g" / "results.csv", [_row("mle", "winogrande_s", 1, 0.5)])
+    before = mine.read_bytes()
+    other = _csv(tmp_path / "other.csv", [_row("mle", "arc_easy", 1, 0.3), _row("mle", "winogrande_s", 1, 0.49)])
+    assert bench.main(["merge", str(grid_file), "--out", str(out), "--from", str(other)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "mle/mle/winogrande_s/winogrande_s/1 differs" in err[0] and "accuracy 0.5 vs 0.49" in err[0]
+    assert mine.read_bytes() == before and not (out / "g" / "results.md").exists()
+
+
+@pytest.mark.parametrize("case", ["not_in_grid", "missing", "not_a_results_csv"])
+def test_merge_bad_input_is_one_line_and_nonzero(grid_file, tmp_path, capsys, case):
+    if case == "not_in_grid":
+        src = _csv(tmp_path / "x.csv", [_row("bbb", "winogrande_s", 1, 0.5)])
+        want = "'bbb' of entry 'bbb' on 'winogrande_s' is not in the grid"
+    elif case == "missing":
+        src, want = tmp_path / "nope.csv", "cannot read"
+    else:
+        src = tmp_path / "notes.csv"
+        src.write_text("a,b\n1,2\n")
+        want = "is not a results.csv of this runner"
+    assert bench.main(["merge", str(grid_file), "--out", str(tmp_path / "out"), "--from", str(src)]) == 1
+    err = capsys.readouterr().err
+    assert want in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "out" / "g" / "results.csv").exists()
