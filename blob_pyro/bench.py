@@ -927,7 +927,7 @@ def write_plots(grid: Grid, rows: list[dict]) -> list[Path]:
     matplotlib.use("Agg", force=False)
     import torch
 
-    from .plots import plot_metric_comparison, reliability_diagram, save_figure
+    from .plots import reliability_diagram, save_figure
 
     multi = len({r["dataset"] for r in rows}) > 1
     pooled: dict = {}
@@ -952,12 +952,23 @@ def write_plots(grid: Grid, rows: list[dict]) -> list[Path]:
         ax = reliability_diagram(torch.cat(probs), torch.cat(labels), label=method)
         ax.set_title(f"{method} on {where} ({seeds} seed{'s' if seeds > 1 else ''} pooled)", fontsize="medium")
         out.append(save_figure(ax, plots / f"reliability_{_safe(col)}__{_safe(method)}.png"))
+    return out + _write_metric_charts(grid, rows)
+
+
+def _write_metric_charts(grid: Grid, rows: list[dict]) -> list[Path]:
+    """An ACC / ECE / NLL bar chart per dataset column, from the rows' values (no predictions needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from .plots import plot_metric_comparison, save_figure
+
     names, cols, cells = summarize(rows)
+    out = []
     for col in cols:
         results = {n: {k: cells[(n, col)][k] for k in ("accuracy", "ece", "nll")} for n in names if (n, col) in cells}
         fig = plot_metric_comparison(results, percent=True)
         fig.suptitle(col)
-        out.append(save_figure(fig, plots / f"metrics_{_safe(col)}.png"))
+        out.append(save_figure(fig, grid.report_dir / "plots" / f"metrics_{_safe(col)}.png"))
     return out
 
 
@@ -1001,7 +1012,6 @@ def merge_results(grid: Grid, sources: list) -> list[dict]:
     Rows are kept in grid order (datasets as given, seeds, entries, rows). Reliability diagrams pool the saved
     predictions of every seed, which a results.csv does not hold, so they are left as they are.
     """
-    from .plots import plot_metric_comparison, save_figure
     from .runs import atomic_write_text
 
     own = grid.report_dir / "results.csv"
@@ -1036,13 +1046,7 @@ def merge_results(grid: Grid, sources: list) -> list[dict]:
     write_csv(grid, rows)
     if rows:
         atomic_write_text(grid.report_dir / "results.md", results_markdown(grid, rows))
-        names, cols, cells = summarize(rows)
-        for col in cols:
-            results = {n: {k: cells[(n, col)][k] for k in ("accuracy", "ece", "nll")} for n in names
-                       if (n, col) in cells}
-            fig = plot_metric_comparison(results, percent=True)
-            fig.suptitle(col)
-            save_figure(fig, grid.report_dir / "plots" / f"metrics_{_safe(col)}.png")
+        _write_metric_charts(grid, rows)
     return rows
 
 
