@@ -1008,7 +1008,8 @@ def merge_results(grid: Grid, sources: list) -> list[dict]:
     """Merge ``results.csv`` files into the grid's report folder: results.csv, results.md, metric bar charts.
 
     The report folder's own results.csv (if any) comes first, then each source; a row (entry, result row, train and
-    eval dataset, seed) found in several files must have the same metrics in all of them, else nothing is written.
+    eval dataset, seed) found in several files must have the same metrics in all of them, and a row's step budget and
+    batch size must be the grid's, else nothing is written.
     Rows are kept in grid order (datasets as given, seeds, entries, rows). Reliability diagrams pool the saved
     predictions of every seed, which a results.csv does not hold, so they are left as they are.
     """
@@ -1025,6 +1026,12 @@ def merge_results(grid: Grid, sources: list) -> list[dict]:
             if r["entry"] not in entries or r["method"] not in row_pos or r["dataset"] not in datasets:
                 raise BenchError(f"{path}: row {r['method']!r} of entry {r['entry']!r} on {r['dataset']!r} is not "
                                  f"in the grid {grid.source} (its entries, rows and datasets)")
+            cfg = Cell(grid.entries[entries[r["entry"]]], r["dataset"], 0, Path()).member_configs(grid.base)[0]
+            other = [f"{k} {r[k]} (grid: {getattr(cfg, k)})" for k in ("max_steps", "batch_size")
+                     if r.get(k) not in (None, "") and int(float(r[k])) != getattr(cfg, k)]
+            if other:  # a cell trained with other settings must not join this grid's seed means
+                raise BenchError(f"{path}: row {r['method']!r} of {r['dataset']!r} seed {r['seed']} was trained with "
+                                 f"{', '.join(other)}; merge results of the same grid settings only")
             key = tuple(r[k] for k in _ROW_KEY)
             old = merged.get(key)
             if old is not None and any(old[k] != r[k] for k in METRIC_NAMES):

@@ -73,9 +73,12 @@ def test_merge_refuses_a_row_that_differs_and_writes_nothing(grid_file, tmp_path
     assert mine.read_bytes() == before and not (out / "g" / "results.md").exists()
 
 
-@pytest.mark.parametrize("case", ["not_in_grid", "missing", "not_a_results_csv"])
+@pytest.mark.parametrize("case", ["not_in_grid", "other_settings", "missing", "not_a_results_csv"])
 def test_merge_bad_input_is_one_line_and_nonzero(grid_file, tmp_path, capsys, case):
-    if case == "not_in_grid":
+    if case == "other_settings":  # a 250-step cell must not join a 2-step grid's seed means
+        src = _csv(tmp_path / "x.csv", [_row("mle", "winogrande_s", 1, 0.5) | {"max_steps": 250}])
+        want = "trained with max_steps 250 (grid: 2)"
+    elif case == "not_in_grid":
         src = _csv(tmp_path / "x.csv", [_row("bbb", "winogrande_s", 1, 0.5)])
         want = "'bbb' of entry 'bbb' on 'winogrande_s' is not in the grid"
     elif case == "missing":
