@@ -191,6 +191,33 @@ def test_ood_grid_evaluates_the_same_runs_elsewhere_and_skips_missing_mmlu(tmp_p
     assert titles["reliability_openbookqa__ensemble.png"].startswith("ensemble on openbookqa (")
 
 
+def test_ood_grid_evaluates_a_local_mmlu_subject(tmp_path, data_dir):
+    """With cais/mmlu CSVs under mmlu/, the OpenBookQA run is scored there too: its own column, JSON and rows."""
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "openbookqa").symlink_to(Path(data_dir).resolve() / "openbookqa", target_is_directory=True)
+    (root / "mmlu").mkdir()
+    answers = "ABCDDCBA"
+    (root / "mmlu" / "college_physics_test.csv").write_text("".join(
+        f'"What is {i}, plus one?",{i + 1},{i + 2},{i + 3},{i + 4},{a}\n' for i, a in enumerate(answers)),
+        encoding="utf-8")
+    config = _grid_file(tmp_path, name="ood_mmlu", methods=["mle"], datasets=["openbookqa"],
+                        ood_datasets=["mmlu_college_physics"])
+    assert _run(config, tmp_path / "out", root) == 0
+    with open(tmp_path / "out" / "ood_mmlu" / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["method"], r["dataset"], r["eval_dataset"]) for r in rows} == {
+        ("mle", "openbookqa", "openbookqa"), ("mle", "openbookqa", "mmlu_college_physics")}
+    mmlu = next(r for r in rows if r["eval_dataset"] == "mmlu_college_physics")
+    assert mmlu["num_examples"] == str(min(len(answers), TINY["eval_limit"]))
+    assert 0.0 <= float(mmlu["accuracy"]) <= 1.0 and float(mmlu["nll"]) > 0
+    md = (tmp_path / "out" / "ood_mmlu" / "results.md").read_text()
+    assert "| method | openbookqa | mmlu_college_physics |" in md and "skipping" not in md
+    saved = json.loads((tmp_path / "out" / "runs" / "openbookqa" / "mle" / "seed1" / "ood"
+                        / "mmlu_college_physics.json").read_text())
+    assert set(saved["rows"]) == {"mle"}
+
+
 def test_targets_table_reads_the_seed_means():
     def row(method, seed, acc, ece, nll):
         return {"method": method, "dataset": "d", "eval_dataset": "d", "seed": seed, "accuracy": acc, "ece": ece,
