@@ -13,7 +13,34 @@ Where things live: ``model`` (the Pyro model), ``guides``, ``priors``, ``reparam
 bridge), ``heads``, ``backbone``, ``data``, ``config``, ``runs`` (files), ``cli``.
 """
 
-from .config import TrainConfig
+import logging as _logging
+
+# With the optional bitsandbytes installed (the ``quant`` extra), PEFT imports it, and on CPUs with AVX512-BF16
+# it logs at import that it could not fetch an optional 4-bit CPU kernel from the hub (offline, or before the
+# kernel is cached). Every command and script would print those two warnings; 8/4-bit loading works without it.
+for _name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
+    _logging.getLogger(_name).setLevel(_logging.ERROR)
+
+
+class _OncePerMessage(_logging.Filter):
+    """Let each distinct message through once: bitsandbytes logs "inputs will be cast ... to float16" on every
+    forward of every 8-bit layer whose input is not float16 (fp32 norms, bf16 autocast): thousands per step."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: _logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if msg in self.seen:
+            return False
+        self.seen.add(msg)
+        return True
+
+
+_logging.getLogger("bitsandbytes.autograd._functions").addFilter(_OncePerMessage())
+
+from .config import TrainConfig  # noqa: E402
 from .data import load_split
 from .guides import BlobGuide, make_guide
 from .infer import fit
