@@ -197,7 +197,9 @@ def save_run(out_dir, run: Run, *, metrics: dict | None = None) -> None:
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".adapter."))
     try:
         os.chmod(tmp, 0o755)
-        model.network.save_pretrained(str(tmp))
+        # the frozen base's embedding / lm_head weights are not part of the adapter (PEFT would copy them in
+        # whenever lm_head is a LoRA target: ~0.5 GB of Llama-2-7B's lm_head in every run folder)
+        model.network.save_pretrained(str(tmp), save_embedding_layers=False)
         if (out / "adapter").exists():
             shutil.rmtree(out / "adapter")
         os.replace(tmp, out / "adapter")

@@ -45,6 +45,10 @@ def test_run_directory_contents(tiny_run):
     assert cfg["config"]["bayesian_factor"] == "both" and "torch" in cfg["versions"]
     post = load_file(str(out / "posterior.safetensors"))
     assert any(k.startswith("loc.") for k in post) and any(k.startswith("rho.") for k in post)
+    # the adapter holds the LoRA factors only: lm_head is a target, but its frozen base weight is not copied in
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert any("lm_head.lora_B" in k for k in adapter)
+    assert all(".lora_A." in k or ".lora_B." in k for k in adapter), sorted(adapter)
 
 
 def test_load_run_round_trip_gives_identical_predictions(tiny_run, data_dir, tiny_llama_dir):
