@@ -97,8 +97,8 @@ def test_quantised_run_samples_its_lora_factors_and_round_trips(tiny_llama_dir, 
     assert sum(isinstance(m, lora_type) for m in run.model.network.modules()) == quantised_layers
     examples = toy_examples(16, num_classes, seed=1)
     run.model.num_data = len(examples)
-    # no prediction before training: on AVX512-BF16 CPUs bitsandbytes 0.50's 4-bit layers repack their weights for
-    # inference at the first eval-mode forward, and a training forward after that fails inside bitsandbytes
+    # no prediction before training: on AVX512-BF16 CPUs bitsandbytes 0.50's 4-bit layers repack their weights at
+    # a forward in eval mode without gradients, and a training forward after that fails inside bitsandbytes
     before = {k: v.detach().clone() for k, v in run.guide.median(run.model.example_batch()).items()}
     log = fit(run.model, run.guide, examples, max_steps=20, batch_size=8, lr=1e-2, kl_schedule="standard",
               progress=False, seed=0)
