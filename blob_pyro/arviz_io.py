@@ -162,16 +162,14 @@ def joint_draws(model, guide, examples, *, num_samples: int, batch_size: int = 3
     """
     from pyro import poutine
 
+    from .optim import set_lora_dropout
     from .predictive import posterior_logits
 
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     device = _device(model)
     batches = [model.head.collate(examples[i:i + batch_size], device) for i in range(0, len(examples), batch_size)]
-    model.network.eval()
-    for name, module in model.network.named_modules():  # MC dropout stays on, as in predict()
-        if "lora_dropout" in name and isinstance(module, torch.nn.Dropout) and module.p > 0:
-            module.train()
+    set_lora_dropout(model.network)  # MC dropout stays on, as in predict()
     draws = range(num_samples)
     if progress:
         from tqdm.auto import tqdm
@@ -249,7 +247,7 @@ def to_inference_data(run, dataset: str | None = None, *, num_samples: int = 50,
                       train_log=None, progress: bool = False):
     """A run as ArviZ data (groups in the module docstring); all shapes use S = ``num_samples``.
 
-    :param run: a :class:`~blob_pyro.runs.Run` or a run folder (then ``train_log`` defaults to its log).
+    :param run: a :class:`~blob_pyro.training.Run` or a run folder (then ``train_log`` defaults to its log).
     :param dataset: dataset of the split to score (default: the run's).
     :param data: a TaskSplit or list of examples, instead of ``dataset``/``split``.
     :param split: ``"eval"`` (held-out; for PPC and calibration) or ``"train"`` (the data the posterior
@@ -259,7 +257,7 @@ def to_inference_data(run, dataset: str | None = None, *, num_samples: int = 50,
         chosen by a generator seeded with ``seed``, so every call picks the same entries.
     :param seed: seeds the entry choice, θ_s ~ q and the replicated labels.
     """
-    from .runs import Run, load_run
+    from .training import Run, load_run
 
     if split not in ("eval", "train"):
         raise ValueError(f"split must be 'eval' or 'train', got {split!r}")
@@ -275,7 +273,7 @@ def to_inference_data(run, dataset: str | None = None, *, num_samples: int = 50,
     k = model.head.num_classes
     labels = np.array([e.label for e in examples], dtype=np.int64)
     if labels.max() >= k:
-        from .runs import RunError
+        from .errors import RunError
 
         raise RunError(f"the data has labels up to {labels.max()} but the run's model scores {k} classes")
 
@@ -288,7 +286,7 @@ def to_inference_data(run, dataset: str | None = None, *, num_samples: int = 50,
 
     entry, factor_norm, update_norm, logits_all = [], [], [], []
     for trace, logits in joint_draws(model, guide, examples, num_samples=num_samples, seed=seed,
-                                     batch_size=batch_size or cfg.eval_batch_size, progress=progress):
+                                     batch_size=batch_size or cfg.predict.eval_batch_size, progress=progress):
         theta = {s.name: trace.nodes[s.name]["value"].detach() for s in sites}
         entry.append([theta[s.name].reshape(-1)[idx.to(theta[s.name].device)].double().cpu().numpy()
                       for s, idx in zip(sites, picks)])
@@ -319,7 +317,7 @@ def to_inference_data(run, dataset: str | None = None, *, num_samples: int = 50,
     attrs = {"inference_library": "pyro", "inference": f"variational ({type(guide).__name__}), draws from q",
              "dataset": name, "split": getattr(split_data, "split", split), "num_samples": int(num_samples),
              "seed": int(seed), "model": cfg.model, "bayesian_factor": model.bayesian_factor,
-             "prior": getattr(model.prior, "describe", lambda: repr(model.prior))(), "guide": cfg.guide}
+             "prior": getattr(model.prior, "describe", lambda: repr(model.prior))(), "guide": cfg.bayes.guide}
     idata = from_dict({
         "posterior": {"factor_entry": chain(entry), "factor_norm": chain(factor_norm), "update_norm": chain(update_norm)},
         "posterior_predictive": {"y": chain(y_rep.numpy()), "logits": chain(logits.numpy())},
@@ -339,7 +337,7 @@ def _variational(model, guide, sites, picks, site_labels) -> xr.Dataset:
     """The guide's std summaries per site, and loc/std of the entries in ``posterior.factor_entry``."""
     from .guides import guide_std
 
-    med = guide.median(model.example_batch())
+    med = guide.median()
     try:
         stds = guide_std(guide)
     except TypeError:  # a guide without a std summary

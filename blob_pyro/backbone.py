@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 import torch
+from .errors import ModelError
 
 __all__ = ["ModelError", "resolve_model", "load_backbone", "default_targets", "head_kind_for", "CAUSAL", "ENCODER_HEADS",
            "enable_gradient_checkpointing", "repeated_blocks"]
@@ -33,10 +34,6 @@ _TARGETS = {
     "gpt2": ["c_attn", "lm_head"], "gpt_neox": ["query_key_value", "embed_out"],
 }
 _LLAMA_STYLE = ["q_proj", "v_proj", "lm_head"]
-
-
-class ModelError(ValueError):
-    """The model cannot be found or loaded (one-line message)."""
 
 
 def resolve_model(name_or_path: str) -> str:
@@ -150,7 +147,7 @@ def enable_gradient_checkpointing(model: torch.nn.Module, context_fn=None) -> in
     would turn backbone dropout on) and keeps BLoB exact: the LoRA draws and Flipout signs of the forward
     pass are replayed in the recomputation (:func:`blob_pyro.lora.checkpoint_contexts`)::
 
-        enable_gradient_checkpointing(run.model.network)      # or TrainConfig(gradient_checkpointing=True)
+        enable_gradient_checkpointing(run.model.network)      # or --gradient-checkpointing true
 
     Blocks run unchanged under ``torch.no_grad()`` (prediction); KV caches are not used while training.
     """

@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import signal
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +39,8 @@ from typing import Any
 import numpy as np
 import pyro
 import torch
+from .errors import CheckpointError
+from .io import atomic_save_safetensors
 
 __all__ = ["CHECKPOINT", "Checkpoint", "CheckpointError", "GracefulInterrupt", "capture", "save_checkpoint",
            "load_checkpoint", "restore_params", "get_rng_state", "set_rng_state"]
@@ -48,10 +48,6 @@ __all__ = ["CHECKPOINT", "Checkpoint", "CheckpointError", "GracefulInterrupt", "
 CHECKPOINT = "checkpoint.safetensors"
 FORMAT = "blob_pyro.checkpoint"
 VERSION = "1"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is damaged or does not fit the run (one-line message)."""
 
 
 @dataclass
@@ -127,27 +123,12 @@ def restore_params(ckpt: Checkpoint) -> None:
 # ---- files ----------------------------------------------------------------------------------
 def save_checkpoint(path, ckpt: Checkpoint) -> None:
     """Write ``ckpt`` to ``path`` atomically (temporary file in the same folder, fsync, rename)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
     tensors = {f"param/{name}": t for name, t in ckpt.params.items()}
     state = {"step": ckpt.step, "constraints": ckpt.constraints,
              "optimizer": _encode(ckpt.optimizer, tensors, "optimizer"),
              "rng": _encode_rng(ckpt.rng, tensors)}
     meta = {"format": FORMAT, "version": VERSION, "state": json.dumps(state)}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_save_safetensors(path, tensors, metadata=meta)
 
 
 def load_checkpoint(path) -> Checkpoint:
@@ -179,19 +160,6 @@ def load_checkpoint(path) -> Checkpoint:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some platforms cannot open folders
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ---- JSON encoding of nested state (optimiser dicts, RNG tuples) -----------------------------

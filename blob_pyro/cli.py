@@ -7,26 +7,29 @@
     blob-pyro train --resume runs/wg          # after a crash, kill or Ctrl-C: continue from the last checkpoint
     blob-pyro evaluate --run runs/wg --dataset arc_easy --num-samples 10
     blob-pyro describe --model minilm --bayesian-factor B
+    blob-pyro ppc --run runs/wg --num-samples 100 --out runs/wg/ppc     # = python scripts/ppc.py
 
-Every ``train`` flag is a field of :class:`~blob_pyro.config.TrainConfig`; ``--config FILE`` (JSON or
-YAML) sets defaults that flags override. A user's mistake prints one line on stderr and exits 2;
-Ctrl-C during training saves a checkpoint and exits 130 (SIGTERM: 143).
+Every ``train`` flag is a setting of :class:`~blob_pyro.config.RunConfig`; ``--config FILE`` (JSON or
+YAML, flat or by section) sets defaults that flags override. A user's mistake
+(:class:`~blob_pyro.errors.BlobPyroError`) prints one line on stderr and exits 2; Ctrl-C during training
+saves a checkpoint and exits 130 (SIGTERM: 143).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
+import logging
 import os
 import sys
 import typing
 import warnings
 from pathlib import Path
 
-from .config import ConfigError, TrainConfig
+from .config import RunConfig
+from .errors import BlobPyroError, ConfigError
 
-__all__ = ["main"]
+__all__ = ["main", "ppc_main", "describe_text", "metrics_table", "quiet_library_logs"]
 
 PROG = "blob-pyro"
 
@@ -35,20 +38,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse prints usage + message by default)
         sys.stderr.write(f"{self.prog}: error: {message}\n")
         sys.exit(2)
-
-
-def _user_errors() -> tuple:
-    from .backbone import ModelError
-    from .checkpoint import CheckpointError
-    from .data import DataError
-    from .heads import HeadError
-    from .infer import TrainingError
-    from .lora import TargetModuleError
-    from .runs import RunError
-
-    return (ConfigError, DataError, ModelError, TargetModuleError, RunError, HeadError, TrainingError, CheckpointError)
-
-
 
 
 def _bool(text: str) -> bool:
@@ -61,28 +50,24 @@ def _bool(text: str) -> bool:
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        if only is not None and f.name not in only:
+    for name, (_, f, kind) in RunConfig.fields().items():
+        if only is not None and name not in only:
             continue
-        flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
+        flag = "--" + name.replace("_", "-")
         args = typing.get_args(kind)
         base = next((a for a in args if a is not type(None)), kind) if args else kind
         help_ = f.metadata.get("help")
         # argparse %-formats help strings: a literal "%" in a config field's help must be escaped
-        kw = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_.replace("%", "%%") if help_ else help_}
+        kw = {"dest": name, "default": argparse.SUPPRESS, "help": help_.replace("%", "%%") if help_ else help_}
         if base is bool:
             kw.update(type=_bool, metavar="BOOL")
         elif base is list or typing.get_origin(base) is list:
             kw.update(type=lambda s: [t.strip() for t in s.split(",") if t.strip()], metavar="A,B")
-        elif f.name == "preset":
-            kw.update(type=str, choices=("paper",))
         else:
             kw.update(type=base)
             choices = f.metadata.get("choices")
-            if choices is not None and None not in choices:
-                kw["choices"] = choices
+            if choices is not None:
+                kw["choices"] = tuple(c for c in choices if c is not None)
         parser.add_argument(flag, **kw)
 
 
@@ -91,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train and evaluate a run")
-    t.add_argument("--config", help="JSON or YAML file of TrainConfig settings (flags override it)")
+    t.add_argument("--config", help="JSON or YAML file of RunConfig settings (flags override it)")
     t.add_argument("--output-dir", help="run folder to create")
     t.add_argument("--resume", metavar="OUT", help="continue the run in OUT from its last checkpoint (settings from OUT/config.json)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
@@ -115,26 +100,32 @@ def _parser() -> argparse.ArgumentParser:
                                "prior", "prior_scale", "prior_df", "guide", "guide_rank", "eps", "std_param", "method",
                                "preset", "trust_remote_code"))
 
-    q = sub.add_parser("ppc", help="posterior predictive checks of a run (see scripts/ppc.py)")
-    q.add_argument("--run", required=True)
-    q.add_argument("--dataset")
-    q.add_argument("--data-dir")
-    q.add_argument("--num-samples", type=int, default=100)
-    q.add_argument("--out", required=True)
-    q.add_argument("--quiet", action="store_true")
+    add_ppc_flags(sub.add_parser("ppc", help="posterior predictive checks of a run (= scripts/ppc.py)"))
     return p
 
 
-def _config_from(args: argparse.Namespace) -> TrainConfig:
-    names = set(TrainConfig.field_names())
+def add_ppc_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of ``blob-pyro ppc`` (and of ``scripts/ppc.py``, which is the same command)."""
+    p.add_argument("--run", required=True, help="run folder written by blob-pyro train")
+    p.add_argument("--dataset", help="dataset whose eval split is checked (default: the run's)")
+    p.add_argument("--data-dir", help="local benchmark folder (default: the run's / $BLOB_DATA_DIR)")
+    p.add_argument("--num-samples", type=int, default=100, help="S posterior draws = replicated label vectors")
+    p.add_argument("--limit", type=int, help="check only the first N examples")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws and replicates")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _config_from(args: argparse.Namespace) -> RunConfig:
+    names = set(RunConfig.field_names())
     overrides = {k: v for k, v in vars(args).items() if k in names}
     if getattr(args, "config", None):
-        cfg = TrainConfig.from_file(args.config, overrides)
-        if cfg.trust_remote_code and not overrides.get("trust_remote_code"):
+        cfg = RunConfig.from_file(args.config, overrides)
+        if cfg.runtime.trust_remote_code and not overrides.get("trust_remote_code"):
             raise ConfigError(f"{args.config} sets trust_remote_code; custom model code is only allowed with the "
                               f"flag --trust-remote-code true")
         return cfg
-    return TrainConfig.from_dict(overrides)
+    return RunConfig.from_dict(overrides)
 
 
 def metrics_table(metrics: dict) -> str:
@@ -147,11 +138,11 @@ def metrics_table(metrics: dict) -> str:
 
 
 def _cmd_train(args) -> int:
-    from .runs import resume_run, train_run
+    from .training import resume_run, train_run
 
     if args.resume:
         given = [f"--{k.replace('_', '-')}" for k in vars(args)
-                 if k in TrainConfig.field_names() and k != "trust_remote_code"]
+                 if k in RunConfig.field_names() and k != "trust_remote_code"]
         given += [flag for flag, on in (("--output-dir", args.output_dir), ("--config", args.config),
                                         ("--overwrite", args.overwrite)) if on]
         if given:
@@ -163,8 +154,7 @@ def _cmd_train(args) -> int:
     else:
         if not args.output_dir:
             raise ConfigError("train needs --output-dir (a new run) or --resume OUT (continue a run)")
-        cfg = _config_from(args)
-        cfg.effective().validate()
+        cfg = _config_from(args).resolve()
         metrics = train_run(cfg, args.output_dir, progress=not args.quiet, overwrite=args.overwrite)
         out = args.output_dir
     print(metrics_table(metrics))
@@ -173,7 +163,8 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from .runs import atomic_write_text, evaluate, load_run
+    from .io import atomic_write_text
+    from .training import evaluate, load_run
 
     if args.num_samples is not None and args.num_samples < 0:
         raise ConfigError(f"--num-samples must be >= 0; got {args.num_samples}")
@@ -186,7 +177,7 @@ def _cmd_evaluate(args) -> int:
 
         run.eval = load_split(run.config.dataset, "eval", run.config.data_dir, limit=run.config.eval_limit)
     if args.batch_size:
-        run.config.eval_batch_size = args.batch_size
+        run.config.predict.eval_batch_size = args.batch_size
     metrics = evaluate(run, num_samples=args.num_samples, progress=not args.quiet)
     print(metrics_table(metrics))
     if args.output:
@@ -195,13 +186,16 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
-def describe_text(cfg: TrainConfig) -> str:
-    from .runs import build
+def describe_text(cfg: RunConfig) -> str:
+    """The model's sample sites, priors, guide and parameter counts, as ``blob-pyro describe`` prints them."""
+    import torch
+
+    from .training import build
 
     run = build(cfg, with_data=False)
     model, guide = run.model, run.guide
-    with __import__("torch").no_grad():
-        guide(model.example_batch())  # lazy guides set themselves up here
+    with torch.no_grad():
+        guide()  # Pyro's autoguides create their parameters at the first call
     guide_desc = guide.describe() if hasattr(guide, "describe") else type(guide).__name__
     lines = [f"model: {cfg.model}   head: {model.head.kind} (K={model.head.num_classes})   "
              f"bayesian factor: {model.bayesian_factor}   guide: {type(guide).__name__}", "",
@@ -222,36 +216,78 @@ def describe_text(cfg: TrainConfig) -> str:
 
 
 def _cmd_describe(args) -> int:
-    cfg = _config_from(args)
-    cfg.effective().validate()
-    print(describe_text(cfg))
+    print(describe_text(_config_from(args)))
     return 0
 
 
 def _cmd_ppc(args) -> int:
-    from .ppc import run_ppc
+    from .ppc import format_table, run_ppc
 
-    return run_ppc(args.run, dataset=args.dataset, data_dir=args.data_dir, num_samples=args.num_samples,
-                   out_dir=args.out, progress=not args.quiet)
+    result = run_ppc(args.run, dataset=args.dataset, data_dir=args.data_dir, num_samples=args.num_samples,
+                     out_dir=args.out, progress=not args.quiet, seed=args.seed, limit=args.limit)
+    print(format_table(result))
+    print(f"ppc written to {args.out}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = _parser().parse_args(argv)
+    return _run(args, PROG)
+
+
+def ppc_main(argv: list[str] | None = None, *, prog: str = "ppc.py") -> int:
+    """``blob-pyro ppc`` as a command of its own (``scripts/ppc.py``): the same flags, errors and outputs."""
+    p = _Parser(prog=prog, description="Posterior predictive checks of a BLoB run.")
+    add_ppc_flags(p)
+    args = p.parse_args(argv)
+    args.command = "ppc"
+    return _run(args, prog)
+
+
+class _OncePerMessage(logging.Filter):
+    """Let each distinct message through once (bitsandbytes logs one notice per forward of every 8-bit layer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if msg in self.seen:
+            return False
+        self.seen.add(msg)
+        return True
+
+
+def quiet_library_logs() -> None:
+    """Keep stderr for the user's errors: library chatter off, before PEFT (and bitsandbytes) is imported.
+
+    With bitsandbytes installed, importing PEFT logs two warnings on CPUs with AVX512-BF16 (an optional 4-bit
+    CPU kernel cannot be fetched offline), and every 8-bit layer logs an input-cast notice per forward.
+    """
+    for name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger("bitsandbytes.autograd._functions").addFilter(_OncePerMessage())
     import transformers
 
     transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()  # stderr is for the user's errors, not weight loading bars
+    transformers.utils.logging.disable_progress_bar()  # weight-loading bars
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter
+
+
+def _run(args: argparse.Namespace, prog: str) -> int:
+    quiet_library_logs()
     handlers = {"train": _cmd_train, "evaluate": _cmd_evaluate, "describe": _cmd_describe, "ppc": _cmd_ppc}
     try:
         return handlers[args.command](args)
-    except _user_errors() as err:
-        msg = " ".join(str(err).split())
-        sys.stderr.write(f"{PROG}: error: {msg}\n")
+    except BlobPyroError as err:
+        msg = " ".join(str(err).split()) or type(err).__name__
+        sys.stderr.write(f"{prog}: error: {msg}\n")
         return 2
     except KeyboardInterrupt as err:  # TrainingInterrupted says where the checkpoint is
-        sys.stderr.write(f"{PROG}: {' '.join(str(err).split()) or 'interrupted'}\n")
+        sys.stderr.write(f"{prog}: {' '.join(str(err).split()) or 'interrupted'}\n")
         return getattr(err, "exit_code", 130)
 
 

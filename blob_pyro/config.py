@@ -1,11 +1,17 @@
-"""Run configuration: one dataclass, every field documented, JSON round trip, file + CLI overrides.
+"""Run configuration: one dataclass per concern, composed into :class:`RunConfig`; every field documented.
 
 ::
 
-    cfg = TrainConfig(model="minilm", dataset="winogrande_s", max_steps=200)
-    cfg = TrainConfig.from_file("configs/cpu.json", overrides={"seed": 2})   # unknown keys are refused
-    cfg.validate()
-    json.dumps(cfg.to_dict())
+    cfg = RunConfig.from_dict({"model": "minilm", "dataset": "arc_easy", "method": "mle", "max_steps": 200})
+    cfg = RunConfig.from_file("configs/run.json", overrides={"seed": 2})    # unknown keys are refused
+    cfg = cfg.resolve()            # the method / preset applied and checked (ConfigError on a conflict)
+    cfg.fit.lr, cfg.bayes.guide    # sections: adapter, bayes, fit, predict, runtime
+    json.dumps(cfg.to_dict())      # nested; from_dict reads nested or flat keys
+
+Field names are unique across sections, so a flat key (``"lr"``) or flag (``--lr``) names exactly one
+setting. Settings a method or preset decides default to ``None`` ("not set"); :meth:`RunConfig.resolve`
+fills them from the method (:mod:`blob_pyro.methods`), then from the defaults below, and refuses an
+explicit setting that contradicts the method with one line naming both.
 """
 
 from __future__ import annotations
@@ -19,163 +25,260 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["TrainConfig", "ConfigError", "METHODS", "PRESETS"]
+from .errors import ConfigError
+from .guides import GUIDES
+from .heads import HEADS
+from .kl import KL_SCHEDULES
+from .priors import PRIORS
 
-METHODS = ("blob", "mle", "map", "mcdropout", "bbb")
-PRESETS = ("paper",)
-BBB_INIT_SCALE = 0.1
-"""Initial std of every AutoNormal scale for ``method=bbb`` (Pyro's AutoNormal default)."""
+__all__ = ["AdapterConfig", "BayesConfig", "FitConfig", "PredictConfig", "RuntimeConfig", "RunConfig",
+           "ConfigError", "read_config_file", "SECTIONS"]
+
+OBJECTIVES = ("elbo", "paper")
 
 
-class ConfigError(ValueError):
-    """A bad setting (one-line message)."""
-
-
-def _f(default, help: str, **kw):
+def _f(default, help: str, *, choices=None, unset=None):
+    """A field with its help text; ``choices`` (the allowed values), ``unset`` (the value ``None`` stands for)."""
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    if unset is not None:
+        meta["unset"] = unset
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
-class TrainConfig:
-    # what to train
-    model: str = _f("minilm", "Hugging Face hub id or local path of the frozen backbone; 'minilm' = offline MiniLM-L6")
-    dataset: str = _f("winogrande_s", "benchmark name (winogrande_s, arc_easy, ..., mmlu_<subject>)")
-    data_dir: Optional[str] = _f(None, "local benchmark folder laid out like shared/data (default: $BLOB_DATA_DIR, else the hub)")
-    method: str = _f("blob", "blob | mle (plain LoRA) | map (Gaussian prior, point estimate) | mcdropout | bbb", choices=METHODS)
-    preset: Optional[str] = _f(None, "'paper': the official optimisation (A factor, AdamW on NLL + SGD on KL)", choices=(None,) + PRESETS)
-    head: str = _f("auto", "auto | causal_lm | multiple_choice | sequence_classification")
-    # LoRA
-    target_modules: Optional[list] = _f(None, "LoRA targets (default: q_proj,v_proj,lm_head for Llama-style; query,value for BERT-style)")
+class AdapterConfig:
+    """The LoRA adapter PEFT injects into the frozen backbone."""
+
+    target_modules: Optional[list] = _f(None, "LoRA targets (default: q_proj,v_proj,lm_head for Llama-style; "
+                                              "query,value for BERT-style)")
     lora_r: int = _f(8, "LoRA rank r")
     lora_alpha: float = _f(16.0, "LoRA alpha (scaling = alpha / r)")
-    lora_dropout: float = _f(0.0, "LoRA dropout (mcdropout uses 0.1)")
-    # the probabilistic model
-    bayesian_factor: str = _f("B", "which LoRA factor is Bayesian: B (default), A (the paper) or both", choices=("A", "B", "both"))
-    prior: str = _f("normal", "prior family: normal | laplace | student_t", choices=("normal", "laplace", "student_t"))
+    lora_dropout: Optional[float] = _f(None, "LoRA dropout (default 0; mcdropout: 0.1)", unset=0.0)
+
+
+@dataclass
+class BayesConfig:
+    """The probabilistic model over the LoRA factors and its variational family."""
+
+    bayesian_factor: Optional[str] = _f(None, "which LoRA factor is Bayesian: B (default), A (the paper) or both",
+                                        choices=("A", "B", "both"), unset="B")
+    prior: Optional[str] = _f(None, "prior family (default normal)", choices=tuple(PRIORS), unset="normal")
     prior_scale: float = _f(0.2, "prior scale (a std for normal; BLoB's beta)")
     prior_df: float = _f(3.0, "Student-t degrees of freedom")
-    guide: str = _f("blob", "blob | lowrank | auto_normal | auto_delta", choices=("blob", "lowrank", "auto_normal", "auto_delta"))
+    guide: Optional[str] = _f(None, "variational family (default blob)", choices=GUIDES, unset="blob")
     guide_rank: int = _f(2, "rank k of the lowrank guide")
-    eps: float = _f(0.05, "BLoB's eps: rho ~ U(eps/sqrt2, eps), initial std = rho^2")
+    eps: Optional[float] = _f(None, "BLoB's eps: rho ~ U(eps/sqrt2, eps), initial std = rho^2 (default 0.05)",
+                              unset=0.05)
     std_param: str = _f("square", "std parameterisation: square (rho^2) | softplus", choices=("square", "softplus"))
-    # the objective
-    elbo: str = _f("trace", "trace (Trace_ELBO, MC KL) | meanfield (TraceMeanField_ELBO, analytic KL)", choices=("trace", "meanfield"))
-    kl_schedule: str = _f("blob", "blob (BLoB re-weighting) | standard (1/N per step) | fixed (kl_multiplier / N)", choices=("blob", "standard", "fixed"))
-    kl_multiplier: float = _f(1.0, "KL multiplier for kl_schedule=fixed")
-    gamma: float = _f(8.0, "gamma of BLoB's dataset rescaling")
     flipout: bool = _f(True, "Flipout in training and prediction (off: one weight draw per batch)")
     flipout_per: str = _f("token", "token (the paper) | sequence", choices=("token", "sequence"))
-    # optimisation
+
+
+@dataclass
+class FitConfig:
+    """How :func:`blob_pyro.fit` optimises the guide (and the deterministic parameters)."""
+
     max_steps: int = _f(200, "training steps")
     batch_size: int = _f(16, "examples per step and process (K processes: K x batch_size per step)")
     lr: float = _f(1e-3, "learning rate of means and deterministic parameters (AdamW)")
-    scale_lr: Optional[float] = _f(None, "learning rate of std parameters (default: lr)")
-    warmup_ratio: float = _f(0.06, "linear warm-up share of max_steps")
+    scale_lr: Optional[float] = _f(None, "learning rate of the guide's scale parameters (default: lr)")
+    warmup_ratio: float = _f(0.06, "linear warm-up share of max_steps, then linear decay to 0")
     weight_decay: float = _f(0.0, "AdamW decoupled weight decay")
-    kl_lr: float = _f(0.01, "paper preset: SGD learning rate of the KL step")
-    max_length: int = _f(256, "max tokens per sequence")
-    seed: int = _f(0, "random seed (data order, init, sampling)")
-    train_limit: Optional[int] = _f(None, "use only the first N training examples")
-    # evaluation
-    num_samples: int = _f(10, "posterior draws at prediction (0 = posterior-mean weights)")
+    objective: Optional[str] = _f(None, "elbo: one AdamW step on the KL-weighted ELBO (default) | paper: AdamW on "
+                                        "the NLL, then SGD(kl_lr) on the weighted KL", choices=OBJECTIVES,
+                                  unset="elbo")
+    elbo: str = _f("trace", "trace (Trace_ELBO, MC KL) | meanfield (TraceMeanField_ELBO, analytic KL)",
+                   choices=("trace", "meanfield"))
+    num_particles: int = _f(1, "ELBO particles per step (posterior draws per step)")
+    kl_schedule: Optional[str] = _f(None, "KL weight per step: blob (BLoB's re-weighting, default) | standard (1/N) "
+                                          "| fixed (kl_multiplier / N)", choices=tuple(KL_SCHEDULES), unset="blob")
+    kl_multiplier: Optional[float] = _f(None, "KL multiplier for kl_schedule=fixed (default 1)", unset=1.0)
+    gamma: float = _f(8.0, "gamma of BLoB's dataset rescaling")
+    kl_lr: float = _f(0.01, "objective=paper: SGD learning rate of the KL step")
+    seed: int = _f(0, "random seed (data order, initialisation, draws)")
+
+
+@dataclass
+class PredictConfig:
+    """How :func:`blob_pyro.predict` forms the posterior predictive."""
+
+    num_samples: Optional[int] = _f(None, "posterior draws at prediction (0 = posterior-mean weights; default 10, "
+                                          "point estimates 0)", unset=10)
     eval_batch_size: int = _f(32, "batch size at prediction")
-    eval_limit: Optional[int] = _f(None, "evaluate on the first N examples only")
-    sample_batched: bool = _f(False, "evaluate all draws in one forward by repeating the batch")
-    # runtime
+    sample_batched: bool = _f(False, "evaluate all draws in one forward by repeating the batch (needs Flipout)")
+
+    def kwargs(self) -> dict:
+        """The keyword arguments of :func:`blob_pyro.predict` these settings stand for."""
+        return {"num_samples": self.num_samples, "batch_size": self.eval_batch_size,
+                "sample_batched": self.sample_batched}
+
+
+@dataclass
+class RuntimeConfig:
+    """Where and how the computation runs; does not change the model or the method."""
+
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
-    bf16: bool = _f(False, "bf16 autocast for the backbone (GPU; on a CPU only with AVX512-BF16/AMX: 1.8x faster there, 5-7x slower where emulated)")
-    load_in_8bit: bool = _f(False, "load the backbone in 8-bit (bitsandbytes; GPU, or CPU with bitsandbytes>=0.50)")
-    load_in_4bit: bool = _f(False, "load the backbone in 4-bit (bitsandbytes; GPU, or CPU with bitsandbytes>=0.50)")
-    gradient_checkpointing: bool = _f(False, "recompute the frozen backbone's block activations in backward (less memory, ~30% more compute)")
+    bf16: bool = _f(False, "bf16 autocast for the backbone (GPU; on a CPU only with AVX512-BF16/AMX, emulated "
+                           "and slow elsewhere)")
+    load_in_8bit: bool = _f(False, "load the backbone in 8-bit (bitsandbytes)")
+    load_in_4bit: bool = _f(False, "load the backbone in 4-bit (bitsandbytes)")
+    gradient_checkpointing: bool = _f(False, "recompute the frozen backbone's block activations in backward")
     trust_remote_code: bool = _f(False, "allow custom model code from the hub (off unless you ask)")
     checkpoint_every: int = _f(0, "write a resumable checkpoint every K steps (0: off)")
 
-    # ---- derived settings ------------------------------------------------------------------
-    def effective(self) -> "TrainConfig":
-        """Apply the method and preset to the settings they imply (idempotent).
 
-        - ``mle``: plain LoRA: AutoDelta point estimate, KL multiplier 0 (no prior), posterior-mean prediction.
-        - ``map``: AutoDelta on *both* LoRA factors with the ``prior`` at the standard minibatch-ELBO weight
-          1/N: for the Normal prior, L2 toward 0 with coefficient 1/(2·prior_scale²·N) per batch-mean NLL.
-          The official code's MAP (AdamW ``weight_decay=1e-5``) is ``method=mle, weight_decay=1e-5``.
-        - ``mcdropout``: as ``mle``, with LoRA dropout 0.1 (unless set) kept on at prediction, ``num_samples`` draws.
-        - ``bbb``: Bayes-by-backprop on both factors with a standard (not BLoB) initialisation: AutoNormal,
-          means at PEFT's init (A Kaiming-uniform, B zero), every scale at :data:`BBB_INIT_SCALE` (0.1, Pyro's
-          AutoNormal default; the guide's init scale is eps², so eps is set to √0.1), standard ELBO (KL 1/N).
-        - ``blob``: the settings as given (``preset="paper"``: A factor, BLoB guide, BLoB KL re-weighting).
-        """
-        cfg = dataclasses.replace(self)
-        if cfg.preset == "paper":
-            cfg.bayesian_factor, cfg.guide, cfg.kl_schedule, cfg.lr = "A", "blob", "blob", cfg.lr
-        if cfg.method in ("mle", "map", "mcdropout"):
-            cfg.guide = "auto_delta"
-            if cfg.method in ("mle", "mcdropout"):
-                cfg.kl_schedule, cfg.kl_multiplier = "fixed", 0.0
-            else:
-                cfg.bayesian_factor, cfg.kl_schedule = "both", "standard"
-            if cfg.method == "mcdropout":
-                cfg.lora_dropout = cfg.lora_dropout or 0.1
-            else:
-                cfg.num_samples = 0
-        if cfg.method == "bbb":
-            cfg.bayesian_factor, cfg.guide, cfg.kl_schedule = "both", "auto_normal", "standard"
-            cfg.eps = math.sqrt(BBB_INIT_SCALE)
-        return cfg
+SECTIONS = {"adapter": AdapterConfig, "bayes": BayesConfig, "fit": FitConfig, "predict": PredictConfig,
+            "runtime": RuntimeConfig}
 
-    # ---- validation --------------------------------------------------------------------------
-    def validate(self) -> "TrainConfig":
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            if not _type_ok(getattr(self, f.name), hints[f.name]):
-                raise ConfigError(f"{f.name} must be of type {_type_name(hints[f.name])}; got {getattr(self, f.name)!r}")
-        for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            if choices is not None and getattr(self, f.name) not in choices:
-                raise ConfigError(f"{f.name} must be one of {', '.join(str(c) for c in choices)}; got {getattr(self, f.name)!r}")
-        for name in ("prior_scale", "eps", "lr", "prior_df", "lora_alpha"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise ConfigError(f"{name} must be a finite number > 0; got {v!r}")
-        if self.scale_lr is not None and (not math.isfinite(self.scale_lr) or self.scale_lr <= 0):
-            raise ConfigError(f"scale_lr must be a finite number > 0; got {self.scale_lr!r}")
-        for name in ("max_steps", "batch_size", "lora_r", "eval_batch_size", "max_length", "guide_rank"):
-            if int(getattr(self, name)) <= 0:
-                raise ConfigError(f"{name} must be > 0; got {getattr(self, name)}")
-        if self.num_samples < 0:
-            raise ConfigError(f"num_samples must be >= 0; got {self.num_samples}")
-        if not 0 <= self.lora_dropout < 1:
-            raise ConfigError(f"lora_dropout must be in [0, 1); got {self.lora_dropout}")
-        if self.checkpoint_every < 0:
-            raise ConfigError(f"checkpoint_every must be >= 0; got {self.checkpoint_every}")
-        if self.kl_multiplier < 0 or not math.isfinite(self.kl_multiplier):
-            raise ConfigError(f"kl_multiplier must be a finite number >= 0; got {self.kl_multiplier}")
-        return self
 
-    # ---- (de)serialisation -------------------------------------------------------------------
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+@dataclass
+class RunConfig:
+    """Everything a run needs: what to train on, the method, and one section per concern."""
+
+    model: str = _f("minilm", "Hugging Face hub id or local path of the frozen backbone; 'minilm' = offline "
+                              "MiniLM-L6")
+    dataset: str = _f("winogrande_s", "benchmark name (winogrande_s, arc_easy, ..., mmlu_<subject>)")
+    data_dir: Optional[str] = _f(None, "local benchmark folder laid out like shared/data (default: $BLOB_DATA_DIR, "
+                                       "else the hub)")
+    head: str = _f("auto", "how logits are read: auto | " + " | ".join(HEADS), choices=("auto",) + tuple(HEADS))
+    max_length: int = _f(256, "max tokens per sequence")
+    train_limit: Optional[int] = _f(None, "use only the first N training examples")
+    eval_limit: Optional[int] = _f(None, "evaluate on the first N examples only")
+    method: str = _f("blob", "blob | mle (plain LoRA) | map | mcdropout | bbb: a preset of the settings it implies "
+                             "(docs/methods.md)", choices=("blob", "mle", "map", "mcdropout", "bbb"))
+    preset: Optional[str] = _f(None, "'paper': the official optimisation (A factor, AdamW on NLL + SGD on KL)",
+                               choices=(None, "paper"))
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    bayes: BayesConfig = field(default_factory=BayesConfig)
+    fit: FitConfig = field(default_factory=FitConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    # ---- names -----------------------------------------------------------------------------
+    @classmethod
+    def fields(cls) -> dict[str, tuple[Optional[str], dataclasses.Field, Any]]:
+        """Flat name -> (section or None, dataclass field, type hint), for every setting."""
+        out = {}
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name not in SECTIONS:
+                out[f.name] = (None, f, hints[f.name])
+        for section, klass in SECTIONS.items():
+            shints = typing.get_type_hints(klass)
+            for f in dataclasses.fields(klass):
+                out[f.name] = (section, f, shints[f.name])
+        return out
 
     @classmethod
     def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
+        return list(cls.fields())
+
+    def get(self, name: str) -> Any:
+        section = self.fields()[name][0]
+        return getattr(getattr(self, section) if section else self, name)
+
+    def replace(self, **settings) -> "RunConfig":
+        """A copy with flat ``settings`` changed (unknown names are refused)."""
+        data = self.flat_dict()
+        _check_names(settings, "setting")
+        data.update(settings)
+        return RunConfig.from_dict(data)
+
+    # ---- (de)serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """Nested: top-level settings plus one dict per section."""
+        return dataclasses.asdict(self)
+
+    def flat_dict(self) -> dict:
+        return {name: self.get(name) for name in self.fields()}
 
     @classmethod
-    def from_dict(cls, data: dict, *, source: str = "config") -> "TrainConfig":
-        names = cls.field_names()
-        for key in data:
-            if key not in names:
-                close = difflib.get_close_matches(key, names, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ConfigError(f"unknown {source} key {key!r}{hint}")
-        return cls(**data)
+    def from_dict(cls, data: dict, *, source: str = "setting") -> "RunConfig":
+        """Build from flat keys (``{"lr": 1e-3}``), nested sections (``{"fit": {"lr": 1e-3}}``) or both."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a configuration must be a mapping of settings, got {type(data).__name__}")
+        flat: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in SECTIONS and isinstance(value, dict):
+                own = {f.name for f in dataclasses.fields(SECTIONS[key])}
+                for sub, v in value.items():
+                    if sub not in own:
+                        _check_names({sub: v}, f"{source} in section {key!r}:", own)
+                    flat[sub] = v
+            else:
+                flat[key] = value
+        _check_names(flat, source)
+        spec = cls.fields()
+        top = {n: v for n, v in flat.items() if spec[n][0] is None}
+        sections = {s: k(**{n: v for n, v in flat.items() if spec[n][0] == s}) for s, k in SECTIONS.items()}
+        return cls(**top, **sections)
 
     @classmethod
-    def from_file(cls, path, overrides: dict | None = None) -> "TrainConfig":
+    def from_file(cls, path, overrides: dict | None = None) -> "RunConfig":
         data = read_config_file(path)
-        data.update(overrides or {})
-        return cls.from_dict(data, source=f"key in {path}:")
+        cfg = cls.from_dict(data, source=f"key in {path}:")
+        return cfg.replace(**overrides) if overrides else cfg
+
+    # ---- validation and the method -----------------------------------------------------------
+    def validate(self) -> "RunConfig":
+        """Check types, choices and ranges of every setting (``None`` allowed where it means "not set")."""
+        for name, (_, f, hint) in self.fields().items():
+            value = self.get(name)
+            if not _type_ok(value, hint):
+                raise ConfigError(f"{name} must be of type {_type_name(hint)}; got {value!r}")
+            choices = f.metadata.get("choices")
+            if choices is not None and value is not None and value not in choices:
+                raise ConfigError(f"{name} must be one of {', '.join(str(c) for c in choices if c is not None)}; "
+                                  f"got {value!r}")
+        for name in ("prior_scale", "lr", "prior_df", "lora_alpha", "eps", "scale_lr"):
+            v = self.get(name)
+            if v is not None and (not math.isfinite(v) or v <= 0):
+                raise ConfigError(f"{name} must be a finite number > 0; got {v!r}")
+        for name in ("max_steps", "batch_size", "lora_r", "eval_batch_size", "max_length", "guide_rank",
+                     "num_particles"):
+            if int(self.get(name)) <= 0:
+                raise ConfigError(f"{name} must be > 0; got {self.get(name)}")
+        for name in ("num_samples", "checkpoint_every", "train_limit", "eval_limit"):
+            v = self.get(name)
+            if v is not None and v < 0:
+                raise ConfigError(f"{name} must be >= 0; got {v}")
+        if self.adapter.lora_dropout is not None and not 0 <= self.adapter.lora_dropout < 1:
+            raise ConfigError(f"lora_dropout must be in [0, 1); got {self.adapter.lora_dropout}")
+        km = self.fit.kl_multiplier
+        if km is not None and (km < 0 or not math.isfinite(km)):
+            raise ConfigError(f"kl_multiplier must be a finite number >= 0; got {km}")
+        if not 0 <= self.fit.warmup_ratio <= 1:
+            raise ConfigError(f"warmup_ratio must be in [0, 1]; got {self.fit.warmup_ratio}")
+        if self.runtime.load_in_8bit and self.runtime.load_in_4bit:
+            raise ConfigError("load_in_8bit and load_in_4bit exclude each other; choose one")
+        return self
+
+    def resolve(self) -> "RunConfig":
+        """The method and preset applied: every "not set" field filled, conflicts refused (one line).
+
+        Idempotent: a resolved config resolves to itself.
+        """
+        from .methods import apply_method
+
+        self.validate()
+        flat = apply_method(self.flat_dict(), self.method, self.preset)
+        for name, (_, f, _) in self.fields().items():
+            if flat[name] is None and "unset" in f.metadata:
+                flat[name] = f.metadata["unset"]
+        return RunConfig.from_dict(flat).validate()
+
+
+def _check_names(data: dict, source: str, names=None) -> None:
+    names = list(names if names is not None else RunConfig.fields())
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown {source} {key!r}{hint}")
 
 
 def _type_ok(value, hint) -> bool:
@@ -198,6 +301,7 @@ def _type_name(hint) -> str:
 
 
 def read_config_file(path) -> dict[str, Any]:
+    """The mapping in a JSON or YAML file (ConfigError, one line, if it is missing or malformed)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from .errors import DataError as _DataError
+
 __all__ = [
     "DATASET_NAMES",
     "DataError",
@@ -42,6 +44,7 @@ __all__ = [
     "TaskSplit",
     "boolq_prompt",
     "dataset_info",
+    "batches",
     "load_split",
     "local_split_path",
     "mc_prompt",
@@ -49,7 +52,7 @@ __all__ = [
 ]
 
 
-class DataError(ValueError):
+class DataError(_DataError):
     """A problem with the user's data.
 
     ``str(err)`` is one line that names the file (and the 1-based line number where relevant) and says
@@ -535,3 +538,23 @@ def dataset_info(dataset: str) -> tuple[int, tuple[str, ...]]:
     """``(num_classes, option_words)`` of a named dataset, without reading any file."""
     spec = _spec_for(dataset)
     return spec.num_classes, spec.option_words
+
+
+def batches(examples, batch_size: int, *, seed: int, shuffle: bool = True, start: int = 0) -> Iterator[tuple[int, list]]:
+    """Endless epochs of minibatches (drop_last), reshuffled every epoch from ``seed``; yields (position, batch).
+
+    ``start`` skips the first ``start`` batches, which makes a resumed run see the same data order.
+    """
+    import torch
+
+    n = len(examples)
+    if n < batch_size:
+        raise DataError(f"the training split has {n} examples, fewer than batch_size={batch_size}")
+    per_epoch = n // batch_size
+    pos = start
+    while True:
+        epoch, i = divmod(pos, per_epoch)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)) if shuffle else torch.arange(n)
+        idx = order[i * batch_size:(i + 1) * batch_size].tolist()
+        yield pos, [examples[j] for j in idx]
+        pos += 1

@@ -47,7 +47,7 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
 from . import arviz_io
-from .infer import Float64Latents
+from .poutine.float64 import Float64Latents
 
 __all__ = ["VIDiagnostic", "log_importance_ratios", "pareto_k", "vi_pareto_k", "khat_reading", "khat_threshold",
            "loo_summary", "heldout_elpd", "compare"]

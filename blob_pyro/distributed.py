@@ -1,7 +1,7 @@
 """Data-parallel training over several processes with ``torch.distributed`` (gloo on CPU, NCCL on GPU).
 
-Nothing to call by hand: :func:`blob_pyro.runs.train_run` and :func:`blob_pyro.infer.fit` call
-:func:`init_from_env`, which joins the process group that a launcher describes in the environment
+:func:`blob_pyro.training.train_run` calls :func:`init_from_env`, which joins the process group that a
+launcher describes in the environment (call it yourself before :func:`blob_pyro.fit` in your own loop)
 (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``)::
 
     accelerate launch --num_processes 4 -m blob_pyro.cli train --model ... --output-dir runs/x   # GPUs
@@ -14,7 +14,7 @@ What each process does (see docs/distributed.md):
   ``batch_size × world_size`` examples (the order comes from the seed); process ``rank`` takes the
   ``rank``-th slice of ``batch_size`` examples, so ``batch_size`` is per process, as in the official code;
 - the likelihood is scaled by the global N, and the gradients of every param-store parameter are
-  averaged over processes before each optimiser step (:class:`GradientAveraging`), so K processes
+  averaged over processes before each optimiser step (:func:`average_gradients`), so K processes
   with ``batch_size`` B follow the single-process ELBO with batch K·B;
 - all processes share the seed, hence the same initial parameters (also broadcast from rank 0) and the
   same Gaussian draws of the LoRA factors; Flipout signs differ per process (``stream = rank``);
@@ -29,7 +29,7 @@ from typing import Any, Iterable
 import torch
 
 __all__ = ["init_from_env", "is_distributed", "world_size", "rank", "local_rank", "is_main", "barrier",
-           "average_gradients", "GradientAveraging", "broadcast_tensors", "mean_of", "any_true",
+           "average_gradients", "broadcast_tensors", "mean_of", "any_true",
            "gather_objects", "broadcast_object", "device_for"]
 
 
@@ -137,46 +137,6 @@ def average_gradients(params: Iterable[torch.Tensor]) -> None:
     with_grad.sort(key=lambda p: store.param_name(p) or "")
     if with_grad:
         _flat_all_reduce_mean([p.grad for p in with_grad])
-
-
-def _pyro_optim():
-    from pyro.optim import PyroOptim
-
-    return PyroOptim
-
-
-class GradientAveraging(_pyro_optim()):
-    """A Pyro optimiser wrapper: average gradients over processes, then step the wrapped optimiser.
-
-    ``SVI`` calls ``optim(params)`` after ``loss_and_grads``; this wrapper all-reduces the gradients of
-    ``params`` first. ``get_state``, ``set_state``, ``step`` and any other attribute are the wrapped
-    optimiser's::
-
-        optim = GradientAveraging(pyro.optim.LambdaLR({...}))
-        svi = SVI(model, guide, optim, Trace_ELBO())
-    """
-
-    def __init__(self, optim):  # no PyroOptim.__init__: everything is delegated to ``optim``
-        self.optim = optim
-
-    def __call__(self, params, *args, **kwargs):
-        params = list(params)
-        average_gradients(params)
-        return self.optim(params, *args, **kwargs)
-
-    def get_state(self):
-        return self.optim.get_state()
-
-    def set_state(self, state):
-        return self.optim.set_state(state)
-
-    def step(self, *args, **kwargs):
-        return self.optim.step(*args, **kwargs)
-
-    def __getattr__(self, name):
-        if name == "optim":  # not set yet (e.g. while unpickling)
-            raise AttributeError(name)
-        return getattr(self.optim, name)
 
 
 @torch.no_grad()

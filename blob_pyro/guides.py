@@ -179,6 +179,14 @@ class BlobGuide(AutoGuide):
             out[spec.name] = pyro.sample(spec.name, self.site_distribution(spec.name), infer=infer)
         return out
 
+    def scale_parameters(self) -> list[torch.Tensor]:
+        """The parameters that set the posterior's spread (``rho``; ``corr_factor`` for the low-rank family),
+        trained at ``scale_lr``."""
+        params = list(self.rho.parameters())
+        if self.covariance == "lowrank":
+            params += list(self.corr_factor.parameters())
+        return params
+
     @property
     def site_names(self) -> list[str]:
         return [s.name for s in (self._specs or [])]
@@ -218,12 +226,14 @@ class BlobGuide(AutoGuide):
         return f"LowRankMVN(loc, cov=diag(s)(I+UU^T)diag(s), rank={self.rank}, s={std})"
 
 
-def _auto_init(model):
+def _auto_args(model):
+    """What a Pyro autoguide traces (the model's prior part when it has one: no batch needed) and its init."""
     fn = getattr(model, "init_loc_fn", None)
-    return {"init_loc_fn": fn} if fn is not None else {}
+    return getattr(model, "latents", model), ({"init_loc_fn": fn} if fn is not None else {})
 
 
 GUIDES = ("blob", "lowrank", "auto_normal", "auto_delta")
+"""Guide names :func:`make_guide` knows; any ``callable(model) -> guide`` works too."""
 
 
 def make_guide(guide="blob", model=None, *, eps: float = 0.05, std_param: str = "square", rank: int = 2):
@@ -239,9 +249,11 @@ def make_guide(guide="blob", model=None, *, eps: float = 0.05, std_param: str = 
     if guide == "lowrank":
         return BlobGuide(model, eps=eps, std_param=std_param, covariance="lowrank", rank=rank)
     if guide == "auto_normal":
-        return AutoNormal(model, init_scale=eps**2, **_auto_init(model))
+        target, init = _auto_args(model)
+        return AutoNormal(target, init_scale=eps**2, **init)
     if guide == "auto_delta":
-        return AutoDelta(model, **_auto_init(model))
+        target, init = _auto_args(model)
+        return AutoDelta(target, **init)
     raise ValueError(f"unknown guide {guide!r}; choose one of {', '.join(GUIDES)} or pass a builder")
 
 

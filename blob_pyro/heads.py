@@ -18,12 +18,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from .errors import HeadError
 
 __all__ = ["CausalLMHead", "MultipleChoiceHead", "SequenceClassificationHead", "HEADS", "HeadError"]
-
-
-class HeadError(ValueError):
-    """The tokenizer cannot represent the options (e.g. two options share a token)."""
 
 
 def _common(examples, device):

@@ -5,8 +5,9 @@ per-step objective is ``mean NLL + weight · KL``. In the Pyro model the likelih
 of size N (scaled N/B), so the latent sites are scaled by ``N · weight``::
 
     schedule = BlobKLSchedule(num_data=640, batch_size=4)      # BLoB §1.6
-    with scale_latents(num_data * schedule.weight(step)):
-        svi.step(batch)
+    with scale_latents(num_data * schedule.weight(step)):      # blob_pyro.poutine
+        loss = elbo.differentiable_loss(model, guide, batch)
+    kl = closed_form_kl(guide.site_distribution(name), prior)  # float64; refused where there is no closed form
 
 - :class:`StandardKL`: the minibatch ELBO, weight 1/N (each step sees KL once per epoch of data).
 - :class:`BlobKLSchedule`: π_t = 2^i / (2^(M+1) − 1), i = t mod M in 1..M (increasing within a cycle),
@@ -18,9 +19,12 @@ from __future__ import annotations
 
 import math
 
-from pyro.poutine.messenger import Messenger
+import torch
+from torch.distributions import kl_divergence
 
-__all__ = ["StandardKL", "BlobKLSchedule", "FixedKL", "make_kl_schedule", "scale_latents", "LatentScaleMessenger"]
+from .errors import ConfigError
+
+__all__ = ["StandardKL", "BlobKLSchedule", "FixedKL", "make_kl_schedule", "KL_SCHEDULES", "closed_form_kl"]
 
 
 class StandardKL:
@@ -82,6 +86,9 @@ class BlobKLSchedule:
         return math.exp((i - (m + 1)) * math.log(2.0) - math.log1p(-(2.0 ** -(m + 1))))
 
 
+KL_SCHEDULES = {"blob": BlobKLSchedule, "standard": StandardKL, "fixed": FixedKL}
+
+
 def make_kl_schedule(name: str, num_data: int, batch_size: int, *, world_size: int = 1,
                      gamma: float = 8.0, multiplier: float = 1.0, dataset_rescaling: bool = True):
     if name == "standard":
@@ -91,21 +98,28 @@ def make_kl_schedule(name: str, num_data: int, batch_size: int, *, world_size: i
                               dataset_rescaling=dataset_rescaling)
     if name == "fixed":
         return FixedKL(num_data, multiplier)
-    raise ValueError(f"unknown kl schedule {name!r}; choose standard, blob or fixed")
+    raise ConfigError(f"unknown kl_schedule {name!r}; choose one of {', '.join(KL_SCHEDULES)}")
 
 
-class LatentScaleMessenger(Messenger):
-    """Multiply the log-density scale of every *unobserved* sample site (model and guide)."""
+def closed_form_kl(q, p) -> torch.Tensor:
+    """KL(q‖p) summed over all entries, in float64, from the closed form of the two distributions given.
 
-    def __init__(self, scale: float):
-        super().__init__()
-        self.scale = scale
+    Refused (:class:`~blob_pyro.errors.ConfigError`, one line) where torch has no closed form for the pair,
+    e.g. a Normal guide against a Laplace or Student-t prior: the KL is never replaced by that of another family.
+    """
+    from .poutine.float64 import as_float64
 
-    def _pyro_sample(self, msg):
-        if not msg["is_observed"]:
-            msg["scale"] = self.scale * msg["scale"]
+    wq, wp = as_float64(q), as_float64(p)
+    if wq is None or wp is None:
+        raise ConfigError(f"no float64 form of {type(q if wq is None else p).__name__}")
+    try:
+        return kl_divergence(wq, wp).sum()
+    except NotImplementedError as err:
+        raise ConfigError(f"no closed-form KL between the guide's {_family(q)} and the prior's {_family(p)}; "
+                          f"use prior=normal or an objective that estimates the KL by Monte Carlo") from err
 
 
-def scale_latents(scale: float) -> LatentScaleMessenger:
-    """Context manager: scale the KL part of an ELBO (latent sites only) by ``scale``."""
-    return LatentScaleMessenger(scale)
+def _family(d) -> str:
+    while hasattr(d, "base_dist"):
+        d = d.base_dist
+    return type(d).__name__

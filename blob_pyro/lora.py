@@ -3,7 +3,7 @@
 PEFT owns the adapter (``LoraConfig`` / ``get_peft_model``, ``save_pretrained``); blob_pyro only
 replaces each LoRA layer's forward with :class:`BlobLoraVariant`, PEFT's extension point for a
 custom LoRA forward. The variant reads the factor values bound by the Pyro model for the current
-call (a posterior draw) and applies them with :func:`~blob_pyro.reparam.flipout_linear`::
+call (a posterior draw) and applies them with :func:`~blob_pyro.poutine.flipout.flipout_linear`::
 
     net = inject_lora(hf_model, target_modules=["query", "value"], r=8, lora_alpha=16)
     layers = lora_layers(net)         # {"bert.encoder.layer.0.attention.self.query": LoraLayer, ...}
@@ -21,7 +21,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.tuners.lora.layer import LoraVariant
 
-from .reparam import flipout_linear
+from .errors import TargetModuleError
+from .poutine.flipout import flipout_linear
 
 __all__ = [
     "ADAPTER",
@@ -37,10 +38,6 @@ __all__ = [
 
 ADAPTER = "default"
 _PEFT_PREFIX = "base_model.model."
-
-
-class TargetModuleError(ValueError):
-    """The requested LoRA target modules do not exist in the model."""
 
 
 class BlobLoraVariant(LoraVariant):
@@ -185,7 +182,7 @@ def checkpoint_contexts():
 
     (:func:`blob_pyro.backbone.enable_gradient_checkpointing` does this for every block.)
     """
-    from .reparam import FlipoutReplay, active_flipout
+    from .poutine.flipout import FlipoutReplay, active_flipout
 
     record: dict = {}
 

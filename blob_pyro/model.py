@@ -8,7 +8,8 @@ is a Categorical over the K options inside a data plate of size N::
     model = BlobModel(peft_net, head, bayesian_factor="B", prior=NormalPrior(0.2), num_data=640)
     guide = make_guide("blob", model)
     svi = SVI(model, guide, optim, Trace_ELBO())
-    svi.step(batch)                                           # batch = head.collate(examples)
+    with flipout(model.flipout):                              # blob_pyro.poutine; model.flipout = "token"
+        svi.step(batch)                                       # batch = head.collate(examples)
     Predictive(model, guide=guide, num_samples=10, return_sites=["logits", "obs"])(batch)
 """
 
@@ -34,17 +35,23 @@ class BlobModel(torch.nn.Module):
     :param str bayesian_factor: ``"B"`` (default), ``"A"`` (the paper) or ``"both"``.
     :param prior: ``callable(site) -> Distribution`` (default ``NormalPrior(0.2)``).
     :param int num_data: N, the size of the training set (plate size).
+    :param flipout: how training and prediction apply a draw: ``"token"`` (Flipout with signs per example and
+        token, the paper), ``"sequence"`` (per example) or ``None`` (one weight draw per batch).
     """
 
-    def __init__(self, network, head, *, bayesian_factor: str = "B", prior=None, num_data: int = 1):
+    def __init__(self, network, head, *, bayesian_factor: str = "B", prior=None, num_data: int = 1,
+                 flipout: str | None = "token"):
         super().__init__()
         if bayesian_factor not in BAYESIAN_FACTORS:
             raise ValueError(f"bayesian_factor must be one of A, B, both; got {bayesian_factor!r}")
+        if flipout not in ("token", "sequence", None):
+            raise ValueError(f"flipout must be 'token', 'sequence' or None; got {flipout!r}")
         self.network = network.eval()  # frozen backbone: no dropout; LoRA dropout is switched on where asked
         self.head = head
         self.bayesian_factor = bayesian_factor
         self.prior = prior if prior is not None else NormalPrior(0.2)
         self.num_data = int(num_data)
+        self.flipout = flipout
         self.sites: list[LoraSite] = []
         for path, layer in lora_layers(network).items():
             for factor in BAYESIAN_FACTORS[bayesian_factor]:
@@ -63,7 +70,7 @@ class BlobModel(torch.nn.Module):
     # ---- the model ---------------------------------------------------------------------------
     def forward(self, batch: dict) -> torch.Tensor:
         pyro.module("network", self.network, update_module_params=True)  # deterministic factors, new heads
-        draws = {site.name: pyro.sample(site.name, self.prior(site)) for site in self.sites}
+        draws = self.latents()
         with bind_values(self.sites, draws):
             logits = self.head.logits(self.network, batch)  # (B, K)
         labels = batch.get("labels")
@@ -71,6 +78,14 @@ class BlobModel(torch.nn.Module):
         with pyro.plate("data", size=size, subsample=torch.arange(logits.shape[0], device=logits.device)):
             pyro.deterministic("logits", logits, event_dim=1)
             return pyro.sample("obs", dist.Categorical(logits=logits), obs=labels)
+
+    def latents(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        """The prior part alone: one sample site per Bayesian factor (no network, no data).
+
+        Guides that set themselves up by tracing a model (Pyro's autoguides) trace this instead of
+        :meth:`forward`, so they need no batch.
+        """
+        return {site.name: pyro.sample(site.name, self.prior(site)) for site in self.sites}
 
     # ---- helpers for guides, saving and describe ----------------------------------------------
     def latent_sites(self) -> list[LoraSite]:
@@ -82,15 +97,6 @@ class BlobModel(torch.nn.Module):
 
     def prior_distributions(self) -> dict[str, dist.Distribution]:
         return {site.name: self.prior(site) for site in self.sites}
-
-    def example_batch(self) -> dict:
-        """A one-example batch of the right structure (to set up lazy guides without data)."""
-        from .data import Example
-
-        k = self.head.num_classes
-        example = Example(index=0, prompt="Question: ?\nAnswer:", choices=tuple("option" for _ in range(k)),
-                          mc_texts=tuple(("example", "option") for _ in range(k)), label=0)
-        return self.head.collate([example], next(self.network.parameters()).device)
 
     @torch.no_grad()
     def write_factors(self, values: dict[str, torch.Tensor]) -> None:

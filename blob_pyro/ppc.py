@@ -165,7 +165,7 @@ def write_outputs(result: PPCResult, idata, out_dir, *, extra: dict | None = Non
     from . import arviz_io
     from .metrics import compute_metrics
     from .plots import confidence_histogram, plot_ppc_statistics, reliability_diagram, save_figure
-    from .runs import atomic_write_text
+    from .io import atomic_write_text
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -197,47 +197,30 @@ def _json_safe(obj):
     return obj
 
 
-def _user_errors() -> tuple:
-    from .backbone import ModelError
-    from .config import ConfigError
-    from .data import DataError
-    from .heads import HeadError
-    from .lora import TargetModuleError
-    from .runs import RunError
-
-    return (ConfigError, DataError, ModelError, TargetModuleError, RunError, HeadError, OSError)
-
-
 def run_ppc(run_dir, *, dataset: str | None = None, data_dir: str | None = None, num_samples: int = 100,
-            out_dir, progress: bool = True, seed: int = 0, limit: int | None = None,
-            prog: str = "blob-pyro ppc") -> int:
-    """Posterior predictive checks of the run in ``run_dir`` on ``dataset``'s eval split; returns an exit code.
+            out_dir, progress: bool = True, seed: int = 0, limit: int | None = None) -> PPCResult:
+    """Posterior predictive checks of the run in ``run_dir`` on ``dataset``'s eval split.
 
     Writes ppc.json, idata.nc, reliability.png, confidence_histogram.png, ppc_labels.png and
-    ppc_statistics.png into ``out_dir`` and prints the table. A user mistake (missing or damaged run
-    folder, unknown dataset, bad data folder) prints one line on stderr and returns 2.
+    ppc_statistics.png into ``out_dir``. A user mistake (missing or damaged run folder, unknown dataset, bad
+    data folder, an output path that is a file) raises a :class:`~blob_pyro.errors.BlobPyroError`.
     """
-    from .config import ConfigError
-    from .runs import RunError
+    from .errors import ConfigError, RunError
 
+    if num_samples is None or int(num_samples) < 1:
+        raise ConfigError(f"--num-samples must be >= 1; got {num_samples}")
+    if limit is not None and int(limit) < 1:
+        raise ConfigError(f"--limit must be >= 1; got {limit}")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"output {out} exists and is not a folder")
+    idata, info = _score(run_dir, dataset, data_dir, int(num_samples), seed, limit, progress)
+    result = check_idata(idata)
     try:
-        if num_samples is None or int(num_samples) < 1:
-            raise ConfigError(f"--num-samples must be >= 1; got {num_samples}")
-        if limit is not None and int(limit) < 1:
-            raise ConfigError(f"--limit must be >= 1; got {limit}")
-        out = Path(out_dir)
-        if out.exists() and not out.is_dir():
-            raise RunError(f"output {out} exists and is not a folder")
-        idata, info = _score(run_dir, dataset, data_dir, int(num_samples), seed, limit, progress)
-        result = check_idata(idata)
         write_outputs(result, idata, out, extra=info)
-    except _user_errors() as err:
-        msg = " ".join(str(err).split()) or type(err).__name__
-        sys.stderr.write(f"{prog}: error: {msg}\n")
-        return 2
-    print(format_table(result))
-    print(f"ppc written to {out}")
-    return 0
+    except OSError as err:
+        raise RunError(f"cannot write {out}: {err.strerror or err}") from err
+    return result
 
 
 def _score(run_dir, dataset, data_dir, num_samples, seed, limit, progress):
@@ -246,7 +229,8 @@ def _score(run_dir, dataset, data_dir, num_samples, seed, limit, progress):
 
     from .arviz_io import to_inference_data
     from .data import dataset_info, load_split
-    from .runs import RunError, load_run, read_run_config
+    from .errors import RunError
+    from .training import load_run, read_run_config
 
     transformers.logging.set_verbosity_error()
     if not progress:

@@ -8,7 +8,7 @@
 
 Each draw re-runs the guide and replays the model under it, exactly what
 ``Predictive(model, guide=guide, num_samples=S, return_sites=["logits"])`` does per batch, but with
-Flipout (fresh signs per example and token) and without storing the LoRA draws. ``sample_batched``
+Flipout as ``model.flipout`` says (fresh signs per example and token) and without storing the LoRA draws. ``sample_batched``
 evaluates the S draws in one forward pass by repeating the batch S times, which Flipout makes valid
 (each copy gets its own signs around one shared Gaussian draw per layer).
 """
@@ -21,8 +21,9 @@ from dataclasses import dataclass
 import torch
 from pyro import poutine
 
+from .optim import set_lora_dropout
+from .poutine import flipout
 from .precision import warn_if_emulated
-from .reparam import flipout
 
 __all__ = ["predict", "Prediction", "posterior_logits"]
 
@@ -48,16 +49,20 @@ def _repeat(batch: dict, times: int) -> dict:
 
 
 @torch.no_grad()
-def posterior_logits(model, guide, batch, *, num_samples: int = 10, use_flipout: bool = True,
-                     flipout_per: str = "token", sample_batched: bool = False) -> torch.Tensor:
-    """(S, B, K) logits of S posterior draws for one batch; S=0 gives (1, B, K) at the posterior mean."""
+def posterior_logits(model, guide, batch, *, num_samples: int = 10, sample_batched: bool = False,
+                     use_flipout: bool = True) -> torch.Tensor:
+    """(S, B, K) logits of S posterior draws for one batch; S=0 gives (1, B, K) at the posterior mean.
+
+    Flipout as ``model.flipout`` says, unless ``use_flipout=False`` (one weight draw for the whole batch).
+    """
     if num_samples < 0:
         raise ValueError(f"num_samples must be >= 0, got {num_samples}")
     if num_samples == 0:
         return _model_logits(model, batch, condition=guide.median(batch)).unsqueeze(0)
-    flip = (lambda: flipout(flipout_per)) if use_flipout else contextlib.nullcontext
+    per = getattr(model, "flipout", None) if use_flipout else None
+    flip = (lambda: flipout(per)) if per else contextlib.nullcontext
     if sample_batched:
-        if not use_flipout:
+        if not per:
             raise ValueError("sample_batched needs Flipout: without it all copies would share one weight draw")
         size = batch["labels"].shape[0]
         big = _repeat(batch, num_samples)
@@ -72,9 +77,8 @@ def posterior_logits(model, guide, batch, *, num_samples: int = 10, use_flipout:
 
 
 @torch.no_grad()
-def predict(model, guide, data, *, num_samples: int = 10, batch_size: int = 16, use_flipout: bool = True,
-            flipout_per: str = "token", sample_batched: bool = False, keep_draws: bool = False,
-            progress: bool = True, device=None, autocast_dtype: torch.dtype | None = None) -> Prediction:
+def predict(model, guide, data, *, num_samples: int = 10, batch_size: int = 16, sample_batched: bool = False,
+            keep_draws: bool = False, progress: bool = True, autocast_dtype: torch.dtype | None = None) -> Prediction:
     """Predictive probabilities on ``data`` (a TaskSplit or list of examples), batched, under no_grad."""
     if num_samples < 0:
         raise ValueError(f"num_samples must be >= 0, got {num_samples}")
@@ -82,11 +86,8 @@ def predict(model, guide, data, *, num_samples: int = 10, batch_size: int = 16, 
     # batch examples of similar length together (less padding), then restore the original order
     order = sorted(range(len(examples)), key=lambda i: _length_key(examples[i]))
     examples = [examples[i] for i in order]
-    device = device or next(model.network.parameters()).device
-    model.network.eval()
-    for name, module in model.network.named_modules():  # MC dropout stays on at prediction
-        if "lora_dropout" in name and isinstance(module, torch.nn.Dropout) and module.p > 0:
-            module.train()
+    device = next(model.network.parameters()).device
+    set_lora_dropout(model.network)  # MC dropout stays on at prediction
     device_type = torch.device(device).type
     warn_if_emulated(device_type, autocast_dtype)
     amp = torch.autocast(device_type=device_type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
@@ -99,8 +100,8 @@ def predict(model, guide, data, *, num_samples: int = 10, batch_size: int = 16, 
     with amp:
         for start in starts:
             batch = model.head.collate(examples[start:start + batch_size], device)
-            logits = posterior_logits(model, guide, batch, num_samples=num_samples, use_flipout=use_flipout,
-                                      flipout_per=flipout_per, sample_batched=sample_batched).float()
+            logits = posterior_logits(model, guide, batch, num_samples=num_samples,
+                                      sample_batched=sample_batched).float()
             probs.append(torch.softmax(logits, dim=-1).mean(0).cpu())
             labels.append(batch["labels"].cpu())
             if keep_draws:

@@ -2,12 +2,12 @@
 
 ::
 
-    cfg = TrainConfig(model="minilm", dataset="winogrande_s", data_dir="../shared/data", max_steps=200)
-    run = build(cfg)                      # model, guide, train/eval splits
+    cfg = RunConfig.from_dict({"model": "minilm", "dataset": "arc_easy", "data_dir": "../shared/data"})
+    run = build(cfg)                      # model, guide, train/eval splits (cfg resolved: run.config)
     train_run(cfg, "runs/wg")            # writes config.json, train_log.jsonl, adapter/, posterior.safetensors, metrics.json
     resume_run("runs/wg")                # after a crash or Ctrl-C: continue from checkpoint.safetensors
     run = load_run("runs/wg")            # restores model, guide and posterior
-    out = predict(run.model, run.guide, run.eval, num_samples=10)
+    metrics = evaluate(run)               # predict with run.config.predict, then compute_metrics
 
 A run directory::
 
@@ -29,7 +29,6 @@ import random
 import shutil
 import signal
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,29 +36,35 @@ import numpy as np
 import pyro
 import torch
 
-from .config import ConfigError, TrainConfig
+from .config import RunConfig
 from .data import dataset_info, load_split
+from .errors import ConfigError, RunError, TrainingError
 from .guides import make_guide
 from .heads import CausalLMHead, MultipleChoiceHead, SequenceClassificationHead
-from .lora import attach_variants, inject_lora, lora_layers
+from .io import atomic_dir, atomic_save_safetensors, atomic_write_text
+from .lora import attach_variants, inject_lora
 from .model import BlobModel
+from .optim import register_parameters
 from .priors import make_prior
 
-__all__ = ["Run", "RunError", "build", "evaluate", "build_model", "train_run", "resume_run", "TrainingInterrupted", "load_run", "save_run",
-           "atomic_write_text", "set_seed", "pick_device"]
-
-
-class RunError(ValueError):
-    """A run directory is missing, damaged or does not fit the requested model (one-line message)."""
+__all__ = ["Run", "build", "evaluate", "build_model", "train_run", "resume_run", "TrainingInterrupted", "load_run",
+           "save_run", "read_run_config", "run_versions", "set_seed", "pick_device"]
 
 
 @dataclass
 class Run:
-    config: TrainConfig
+    """A built run: the resolved config, the Pyro model and guide, and the data splits (when loaded)."""
+
+    config: RunConfig
     model: BlobModel
     guide: object
     train: object = None
     eval: object = None
+
+
+def autocast_dtype(cfg: RunConfig) -> torch.dtype | None:
+    """The autocast dtype the runtime settings ask for (bf16 or none)."""
+    return torch.bfloat16 if cfg.runtime.bf16 else None
 
 
 def set_seed(seed: int) -> None:
@@ -84,21 +89,22 @@ def _make_head(kind: str, tokenizer, num_classes: int, option_words, max_length:
     return SequenceClassificationHead(tokenizer, num_classes, max_length)
 
 
-def build_model(cfg: TrainConfig, *, num_data: int = 1, adapter_dir: str | os.PathLike | None = None) -> BlobModel:
-    """The Pyro model for ``cfg`` (fresh LoRA, or the adapter in ``adapter_dir``)."""
+def build_model(cfg: RunConfig, *, num_data: int = 1, adapter_dir: str | os.PathLike | None = None) -> BlobModel:
+    """The Pyro model for a resolved ``cfg`` (fresh LoRA, or the adapter in ``adapter_dir``)."""
     from .backbone import default_targets, load_backbone
 
+    ad, bayes, rt = cfg.adapter, cfg.bayes, cfg.runtime
     num_classes, option_words = dataset_info(cfg.dataset)
-    device = pick_device(cfg.device)
-    quantised = cfg.load_in_8bit or cfg.load_in_4bit
+    device = pick_device(rt.device)
+    quantised = rt.load_in_8bit or rt.load_in_4bit
     hf_model, tokenizer, kind = load_backbone(
-        cfg.model, num_classes=num_classes, head=cfg.head, trust_remote_code=cfg.trust_remote_code,
-        load_in_8bit=cfg.load_in_8bit, load_in_4bit=cfg.load_in_4bit, device=device if quantised else None)
-    targets = list(cfg.target_modules) if cfg.target_modules else default_targets(hf_model.config)
+        cfg.model, num_classes=num_classes, head=cfg.head, trust_remote_code=rt.trust_remote_code,
+        load_in_8bit=rt.load_in_8bit, load_in_4bit=rt.load_in_4bit, device=device if quantised else None)
+    targets = list(ad.target_modules) if ad.target_modules else default_targets(hf_model.config)
     modules_to_save = ["classifier"] if kind != "causal_lm" else None
     if adapter_dir is None:
-        network = inject_lora(hf_model, targets, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                              lora_dropout=cfg.lora_dropout, modules_to_save=modules_to_save)
+        network = inject_lora(hf_model, targets, r=ad.lora_r, lora_alpha=ad.lora_alpha,
+                              lora_dropout=ad.lora_dropout, modules_to_save=modules_to_save)
     else:
         from peft import PeftModel
 
@@ -110,50 +116,39 @@ def build_model(cfg: TrainConfig, *, num_data: int = 1, adapter_dir: str | os.Pa
         attach_variants(network)
     if not quantised:  # bitsandbytes models are placed at load time and refuse .to()
         network.to(device)
-    if cfg.gradient_checkpointing:
+    if rt.gradient_checkpointing:
         from .backbone import enable_gradient_checkpointing
 
         enable_gradient_checkpointing(network)
     head = _make_head(kind, tokenizer, num_classes, option_words, cfg.max_length)
-    prior = make_prior(cfg.prior, cfg.prior_scale, **({"df": cfg.prior_df} if cfg.prior == "student_t" else {}))
-    return BlobModel(network, head, bayesian_factor=cfg.bayesian_factor, prior=prior, num_data=num_data)
+    prior = make_prior(bayes.prior, bayes.prior_scale, **({"df": bayes.prior_df} if bayes.prior == "student_t" else {}))
+    return BlobModel(network, head, bayesian_factor=bayes.bayesian_factor, prior=prior, num_data=num_data,
+                     flipout=bayes.flipout_per if bayes.flipout else None)
 
 
-def build(cfg: TrainConfig, *, with_data: bool = True) -> Run:
-    """Seeded construction of data, model and guide for a (validated, effective) config."""
-    cfg = cfg.effective().validate()
-    set_seed(cfg.seed)
+def _make_guide(cfg: RunConfig, model: BlobModel):
+    b = cfg.bayes
+    return make_guide(b.guide, model, eps=b.eps, std_param=b.std_param, rank=b.guide_rank)
+
+
+def build(cfg: RunConfig, *, with_data: bool = True) -> Run:
+    """Seeded construction of data, model and guide; ``run.config`` is ``cfg`` resolved (see RunConfig.resolve)."""
+    cfg = cfg.resolve()
+    set_seed(cfg.fit.seed)
     pyro.clear_param_store()
     train = eval_split = None
     if with_data:
         train = load_split(cfg.dataset, "train", cfg.data_dir, limit=cfg.train_limit)
         eval_split = load_split(cfg.dataset, "eval", cfg.data_dir, limit=cfg.eval_limit)
-        if len(train) < cfg.batch_size:
-            raise ConfigError(f"batch_size={cfg.batch_size} is larger than the training split ({len(train)} examples)")
+        if len(train) < cfg.fit.batch_size:
+            raise ConfigError(f"batch_size={cfg.fit.batch_size} is larger than the training split "
+                              f"({len(train)} examples)")
     model = build_model(cfg, num_data=len(train) if train is not None else 1)
-    guide = make_guide(cfg.guide, model, eps=cfg.eps, std_param=cfg.std_param, rank=cfg.guide_rank)
-    return Run(cfg, model, guide, train, eval_split)
+    return Run(cfg, model, _make_guide(cfg, model), train, eval_split)
 
 
 # ---- files ---------------------------------------------------------------------------------
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file, fsync and rename: readers never see half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _versions() -> dict:
+def run_versions() -> dict:
     """Library versions, git commit and the compute a run used.
 
     ``cpu_capability`` is the SIMD level torch dispatches its CPU kernels to ("AVX512", "AVX2", ...): the same
@@ -188,36 +183,23 @@ def guide_state(guide) -> dict[str, torch.Tensor]:
 
 def save_run(out_dir, run: Run, *, metrics: dict | None = None) -> None:
     """Write adapter/ (posterior mean, vanilla PEFT) and posterior.safetensors; metrics.json if given."""
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model, guide = run.model, run.guide
-    model.write_factors(guide.median(model.example_batch()))  # the batch sets up a lazy guide if needed
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".adapter."))
-    try:
-        os.chmod(tmp, 0o755)
-        # the frozen base's embedding / lm_head weights are not part of the adapter (PEFT would copy them in
-        # whenever lm_head is a LoRA target: Llama-2-7B's lm_head is 32 000 x 4 096 = 131 M weights)
+    model.write_factors(guide.median())
+    with atomic_dir(out / "adapter") as tmp:
+        # the frozen base's embedding / lm_head weights are not part of the adapter (PEFT copies them in
+        # whenever lm_head is a LoRA target: Llama-2-7B's lm_head alone is 32 000 x 4 096 weights)
         model.network.save_pretrained(str(tmp), save_embedding_layers=False)
-        if (out / "adapter").exists():
-            shutil.rmtree(out / "adapter")
-        os.replace(tmp, out / "adapter")
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     meta = {"guide": type(guide).__name__, "bayesian_factor": model.bayesian_factor,
             "sites": json.dumps([s.name for s in model.sites])}
-    fd, tmpf = tempfile.mkstemp(dir=out, prefix=".posterior.")
-    os.close(fd)
-    save_file(guide_state(guide), tmpf, metadata=meta)
-    os.chmod(tmpf, 0o644)
-    os.replace(tmpf, out / "posterior.safetensors")
+    atomic_save_safetensors(out / "posterior.safetensors", guide_state(guide), metadata=meta)
     if metrics is not None:
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
 
 
-def read_run_config(run_dir) -> TrainConfig:
+def read_run_config(run_dir) -> RunConfig:
+    """The resolved configuration stored in ``run_dir/config.json`` (RunError, one line, if unusable)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunError(f"run folder {run_dir} does not exist")
@@ -230,12 +212,10 @@ def read_run_config(run_dir) -> TrainConfig:
         raise RunError(f"{path} is not valid JSON: {err}") from err
     if not isinstance(data, dict) or not isinstance(data.get("config", data), dict):
         raise RunError(f"{path} does not hold a run configuration")
-    cfg = TrainConfig.from_dict(data.get("config", data), source=f"key in {path}:")
     try:
-        cfg.validate()
+        return RunConfig.from_dict(data.get("config", data), source=f"key in {path}:").resolve()
     except (TypeError, ValueError) as err:  # a hand-edited or foreign config.json: refuse, never guess
         raise RunError(f"{path}: {err}") from err
-    return cfg
 
 
 def load_run(run_dir, *, dataset: str | None = None, data_dir: str | None = None, device: str | None = None,
@@ -250,9 +230,9 @@ def load_run(run_dir, *, dataset: str | None = None, data_dir: str | None = None
 
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
-    cfg.trust_remote_code = trust_remote_code
+    cfg.runtime.trust_remote_code = trust_remote_code
     if device is not None:
-        cfg.device = device
+        cfg.runtime.device = device
     adapter = run_dir / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         raise RunError(f"{adapter} has no adapter_config.json; the run did not finish or the folder is damaged")
@@ -265,18 +245,18 @@ def load_run(run_dir, *, dataset: str | None = None, data_dir: str | None = None
         raise RunError(f"{run_dir / 'posterior.safetensors'} is missing") from err
     except (SafetensorError, OSError, ValueError) as err:
         raise RunError(f"{run_dir / 'posterior.safetensors'} is corrupted: {str(err).splitlines()[0]}") from err
-    set_seed(cfg.seed)
+    set_seed(cfg.fit.seed)
     pyro.clear_param_store()
     model = build_model(cfg, adapter_dir=adapter)
-    guide = make_guide(cfg.guide, model, eps=cfg.eps, std_param=cfg.std_param, rank=cfg.guide_rank)
+    guide = _make_guide(cfg, model)
     with torch.no_grad():
-        guide(model.example_batch())  # set up lazy guides and register their parameters
+        guide()  # Pyro's autoguides create their parameters at the first call
     pyro.clear_param_store()  # the param store would otherwise win over the loaded values
     missing = set(guide.state_dict()) - set(state)
     extra = set(state) - set(guide.state_dict())
     if missing or extra:
-        raise RunError(f"posterior.safetensors does not fit this model (guide {cfg.guide}, bayesian factor "
-                       f"{cfg.bayesian_factor}): missing {sorted(missing)[:1]}, unexpected {sorted(extra)[:1]}")
+        raise RunError(f"posterior.safetensors does not fit this model (guide {cfg.bayes.guide}, bayesian factor "
+                       f"{cfg.bayes.bayesian_factor}): missing {sorted(missing)[:1]}, unexpected {sorted(extra)[:1]}")
     device_ = next(model.network.parameters()).device
     guide.load_state_dict({k: v.to(device_) for k, v in state.items()})
     eval_split = None
@@ -285,7 +265,7 @@ def load_run(run_dir, *, dataset: str | None = None, data_dir: str | None = None
     return Run(cfg, model, guide, None, eval_split)
 
 
-def _check_adapter(adapter: Path, cfg: TrainConfig) -> None:
+def _check_adapter(adapter: Path, cfg: RunConfig) -> None:
     from .backbone import resolve_model
 
     try:
@@ -295,13 +275,14 @@ def _check_adapter(adapter: Path, cfg: TrainConfig) -> None:
     base = acfg.get("base_model_name_or_path")
     if base and base not in (cfg.model, resolve_model(cfg.model)):
         raise RunError(f"the adapter in {adapter} was made for base model {base!r}, not {cfg.model!r}")
-    if acfg.get("r") != cfg.lora_r:
-        raise RunError(f"the adapter in {adapter} has rank r={acfg.get('r')}, the run config says {cfg.lora_r}")
-    targets = cfg.target_modules
+    if acfg.get("r") != cfg.adapter.lora_r:
+        raise RunError(f"the adapter in {adapter} has rank r={acfg.get('r')}, the run config says "
+                       f"{cfg.adapter.lora_r}")
+    targets = cfg.adapter.target_modules
     if not targets:  # the run used the model's default targets
         from .backbone import default_targets, load_config
 
-        targets = default_targets(load_config(cfg.model, trust_remote_code=cfg.trust_remote_code))
+        targets = default_targets(load_config(cfg.model, trust_remote_code=cfg.runtime.trust_remote_code))
     if sorted(acfg.get("target_modules") or []) != sorted(targets):
         raise RunError(f"the adapter in {adapter} targets {acfg.get('target_modules')}, the run config says {targets}")
 
@@ -319,14 +300,16 @@ def evaluate(run: Run, data=None, *, num_samples: int | None = None, progress: b
 
     cfg = run.config
     data = data if data is not None else run.eval
-    s = cfg.num_samples if num_samples is None else num_samples
+    kwargs = cfg.predict.kwargs()
+    if num_samples is not None:
+        kwargs["num_samples"] = num_samples
+    s = kwargs["num_samples"]
     examples = list(getattr(data, "examples", data))
     procs, rank = distributed.world_size(), distributed.rank()
     local = examples[rank::procs]
     if local:
-        out = predict(run.model, run.guide, local, num_samples=s, batch_size=cfg.eval_batch_size,
-                      use_flipout=cfg.flipout, flipout_per=cfg.flipout_per, sample_batched=cfg.sample_batched,
-                      progress=progress and rank == 0, autocast_dtype=torch.bfloat16 if cfg.bf16 else None)
+        out = predict(run.model, run.guide, local, **kwargs, progress=progress and rank == 0,
+                      autocast_dtype=autocast_dtype(cfg))
     else:  # fewer examples than processes
         from .predictive import Prediction
 
@@ -343,7 +326,7 @@ def evaluate(run: Run, data=None, *, num_samples: int | None = None, progress: b
     return metrics
 
 
-def train_run(cfg: TrainConfig, out_dir, *, progress: bool = True, overwrite: bool = False) -> dict:
+def train_run(cfg: RunConfig, out_dir, *, progress: bool = True, overwrite: bool = False) -> dict:
     """Train and evaluate ``cfg`` into ``out_dir``; returns the metrics.
 
     An existing non-empty ``out_dir`` is refused unless ``overwrite``, and even then only a blob_pyro run
@@ -355,7 +338,7 @@ def train_run(cfg: TrainConfig, out_dir, *, progress: bool = True, overwrite: bo
     """
     from . import distributed
 
-    distributed.init_from_env(cfg.device)
+    distributed.init_from_env(cfg.runtime.device)
     main = distributed.is_main()
     out = Path(out_dir)
     problem = None
@@ -374,7 +357,7 @@ def train_run(cfg: TrainConfig, out_dir, *, progress: bool = True, overwrite: bo
         if out.exists() and overwrite:
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.json", json.dumps({"config": cfg.to_dict(), "versions": _versions()}, indent=2) + "\n")
+        atomic_write_text(out / "config.json", json.dumps({"config": cfg.to_dict(), "versions": run_versions()}, indent=2) + "\n")
         (out / "train_log.jsonl").write_text("")
     distributed.barrier()
     return _train_and_save(run, out, None, progress=progress)
@@ -391,13 +374,13 @@ def resume_run(out_dir, *, progress: bool = True, trust_remote_code: bool = Fals
 
     out = Path(out_dir)
     cfg = read_run_config(out)
-    distributed.init_from_env(cfg.device)
-    cfg.trust_remote_code = trust_remote_code  # never taken from a file
+    distributed.init_from_env(cfg.runtime.device)
+    cfg.runtime.trust_remote_code = trust_remote_code  # never taken from a file
     if (out / "metrics.json").is_file():
         raise RunError(f"the run in {out} has already finished (metrics.json exists); nothing to resume")
     ckpt = load_checkpoint(out / CHECKPOINT) if (out / CHECKPOINT).is_file() else None
-    if ckpt is not None and not 0 <= ckpt.step <= cfg.max_steps:
-        raise RunError(f"{out / CHECKPOINT} is at step {ckpt.step}, outside this run's 0..{cfg.max_steps}")
+    if ckpt is not None and not 0 <= ckpt.step <= cfg.fit.max_steps:
+        raise RunError(f"{out / CHECKPOINT} is at step {ckpt.step}, outside this run's 0..{cfg.fit.max_steps}")
     run = build(cfg)
     return _train_and_save(run, out, ckpt, progress=progress, resuming=True)
 
@@ -414,18 +397,18 @@ def _train_and_save(run: Run, out: Path, ckpt, *, progress: bool, resuming: bool
     """Fit (from ``ckpt`` if given) with checkpoints and Ctrl-C handling, then evaluate and save."""
     from . import distributed
     from .checkpoint import CHECKPOINT, GracefulInterrupt, capture, restore_params, save_checkpoint
-    from .infer import TrainingError, fit
+    from .infer import fit
 
     cfg = run.config
     main = distributed.is_main()  # only rank 0 writes; every process trains
     start, state = 0, None
     if ckpt is not None:
-        _register_params(run.model, run.guide)
+        register_parameters(run.model, run.guide)
         restore_params(ckpt)
         start, state = ckpt.step, {"optimizer_state": ckpt.optimizer, "rng_state": ckpt.rng}
     if resuming and main:  # only now that the checkpoint fits: drop what was logged after it
         _truncate_log(out / "train_log.jsonl", start)
-    every = cfg.checkpoint_every
+    every = cfg.runtime.checkpoint_every
     last_saved = start if ckpt is not None else None  # step of the checkpoint on disk
 
     def checkpoint(step, optimizer_state):
@@ -459,15 +442,11 @@ def _train_and_save(run: Run, out: Path, ckpt, *, progress: bool, resuming: bool
             # a signal may reach the processes at different steps: all stop at the first step any saw it
             if distributed.any_true(stop.signum is not None):
                 stop_now(step, fit_state["optimizer_state"])
-            if every and (step % every == 0 or step == cfg.max_steps):
+            if every and (step % every == 0 or step == cfg.fit.max_steps):
                 checkpoint(step, fit_state["optimizer_state"])
 
         try:
-            fit(run.model, run.guide, run.train, max_steps=cfg.max_steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                scale_lr=cfg.scale_lr, warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay, elbo=cfg.elbo,
-                kl_schedule=cfg.kl_schedule, kl_multiplier=cfg.kl_multiplier, gamma=cfg.gamma,
-                use_flipout=cfg.flipout, flipout_per=cfg.flipout_per, preset=cfg.preset, kl_lr=cfg.kl_lr,
-                seed=cfg.seed, progress=progress, autocast_dtype=torch.bfloat16 if cfg.bf16 else None,
+            fit(run.model, run.guide, run.train, cfg.fit, autocast_dtype=autocast_dtype(cfg), progress=progress,
                 start_step=start, state=state, callback=on_step)
         except TrainingError as err:
             if last_saved is not None and "checkpoint" not in str(err):
@@ -480,16 +459,6 @@ def _train_and_save(run: Run, out: Path, ckpt, *, progress: bool, resuming: bool
         save_run(out, run, metrics=metrics)
     distributed.barrier()
     return metrics
-
-
-def _register_params(model: BlobModel, guide) -> None:
-    """Run guide and model once (no gradients) so every parameter is in the param store, in training order."""
-    from pyro import poutine
-
-    batch = model.example_batch()
-    with torch.no_grad():
-        guide_trace = poutine.trace(guide).get_trace(batch)
-        poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(batch)
 
 
 def _truncate_log(path: Path, step: int) -> None:

@@ -37,7 +37,7 @@ from pyro.distributions import Independent
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import _PYRO_STACK
 
-from .distributed import rank as _rank
+from ..distributed import rank as _rank
 
 __all__ = ["FlipoutMessenger", "FlipoutReplay", "FlipoutLinearFunction", "flipout", "flipout_linear", "active_flipout",
            "apply_signs", "sign_bytes"]
@@ -51,7 +51,7 @@ def _distribution_loc(fn, infer: dict, value: torch.Tensor) -> torch.Tensor | No
     loc = (infer or {}).get("flipout_loc")
     if loc is None:
         base = fn
-        # look through Independent and blob_pyro.infer.Float64Density to the distribution itself
+        # look through Independent and blob_pyro.poutine.Float64Density to the distribution itself
         while isinstance(base, Independent) or getattr(base, "_wraps_density", False):
             base = base.base_dist
         loc = getattr(base, "loc", None)

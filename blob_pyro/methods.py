@@ -1,0 +1,92 @@
+"""Methods and presets: named bundles of the settings they imply.
+
+::
+
+    RunConfig.from_dict({"method": "mle"}).resolve().bayes.guide          # 'auto_delta'
+    RunConfig.from_dict({"method": "mle", "guide": "lowrank"}).resolve()
+    # ConfigError: method=mle implies guide=auto_delta; got guide=lowrank (drop one of them)
+
+Each method *requires* some settings (an explicit different value is refused with one line naming both) and
+*defaults* others (used when the setting is not given; an explicit value wins). ``blob`` is the settings
+as given. The meaning of each is in ``docs/methods.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+__all__ = ["Method", "METHODS", "PRESETS", "apply_method", "BBB_INIT_SCALE"]
+
+BBB_INIT_SCALE = 0.1
+"""Initial std of every AutoNormal scale for ``method=bbb`` (Pyro's AutoNormal default); the guide's initial
+std is eps², so bbb's default eps is √0.1."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """What a method or preset implies: ``requires`` (refuse a conflict) and ``defaults`` (fill if unset)."""
+
+    name: str
+    summary: str
+    requires: dict = field(default_factory=dict)
+    defaults: dict = field(default_factory=dict)
+
+
+_NO_KL = {"kl_schedule": "fixed", "kl_multiplier": 0.0}
+
+METHODS = {
+    "blob": Method("blob", "BLoB: the settings as given (default: factor B, BLoB guide, BLoB KL re-weighting)"),
+    "mle": Method("mle", "plain LoRA: a point estimate (AutoDelta) without a prior",
+                  requires={"guide": "auto_delta", **_NO_KL}, defaults={"num_samples": 0}),
+    "map": Method("map", "point estimate of both factors under the prior at the minibatch-ELBO weight 1/N",
+                  requires={"guide": "auto_delta", "bayesian_factor": "both", "kl_schedule": "standard"},
+                  defaults={"num_samples": 0}),
+    "mcdropout": Method("mcdropout", "plain LoRA with LoRA dropout kept on at prediction",
+                        requires={"guide": "auto_delta", **_NO_KL}, defaults={"lora_dropout": 0.1}),
+    "bbb": Method("bbb", "Bayes-by-backprop on both factors: AutoNormal at a standard initial scale, standard ELBO",
+                  requires={"guide": "auto_normal", "bayesian_factor": "both", "kl_schedule": "standard"},
+                  defaults={"eps": math.sqrt(BBB_INIT_SCALE)}),
+}
+
+PRESETS = {
+    "paper": Method("paper", "the official optimisation: Bayesian A, BLoB guide and KL re-weighting, AdamW on the "
+                             "NLL then SGD on the closed-form weighted KL (so the prior must be Normal)",
+                    requires={"bayesian_factor": "A", "guide": "blob", "kl_schedule": "blob", "objective": "paper",
+                              "prior": "normal"}),
+}
+
+
+def _apply(flat: dict, method: Method, label: str) -> None:
+    for key, value in method.requires.items():
+        given = flat.get(key)
+        if given is not None and given != value:
+            raise ConfigError(f"{label} implies {key}={value}; got {key}={given} (drop one of them)")
+        flat[key] = value
+    for key, value in method.defaults.items():
+        if flat.get(key) is None:
+            flat[key] = value
+
+
+def apply_method(flat: dict, method: str, preset: str | None = None) -> dict:
+    """``flat`` settings with ``method`` and ``preset`` applied (a new dict); ConfigError on a conflict."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if preset is not None and preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    out = dict(flat)
+    if preset is not None and method != "blob":
+        raise ConfigError(f"preset={preset} is BLoB's optimisation; it cannot be combined with method={method}")
+    if preset is not None:
+        _apply(out, PRESETS[preset], f"preset={preset}")
+    _apply(out, METHODS[method], f"method={method}")
+    if method == "mcdropout" and not out.get("lora_dropout"):
+        raise ConfigError("method=mcdropout needs lora_dropout > 0; got lora_dropout=0")
+    if out.get("objective") == "paper" and out.get("guide") not in (None, "blob"):
+        raise ConfigError(f"objective=paper steps the blob guide's rho by SGD; got guide={out.get('guide')}")
+    if out.get("objective") == "paper" and out.get("prior") not in (None, "normal"):
+        raise ConfigError(f"objective=paper optimises the closed-form KL, which prior={out.get('prior')} does not "
+                          f"have against a Normal guide; use prior=normal")
+    return out

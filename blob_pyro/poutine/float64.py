@@ -1,0 +1,120 @@
+"""Float64 log-densities for the latent sites: the KL part of the ELBO in double precision.
+
+::
+
+    with float64_latents():                                   # around an SVI step, float32 or autocast
+        loss = elbo.differentiable_loss(model, guide, batch)
+
+Every latent (unobserved) site's distribution is wrapped in :class:`Float64Density`: it samples exactly
+as before (same dtype, same draws) while ``log_prob`` and ``kl_divergence`` are computed in float64 on
+the float32 parameters (gradients flow through the casts). A float32 Normal log-density is NaN once a
+std falls below ~1e-22 (its variance underflows to 0); see ``docs/numerics.md``.
+"""
+
+from __future__ import annotations
+
+import pyro.distributions as dist
+import torch
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
+from torch.distributions import kl_divergence, register_kl
+
+__all__ = ["Float64Density", "Float64Latents", "float64_latents", "as_float64"]
+
+
+def as_float64(d):
+    """``d`` with float64 parameters (same family), or None for a family not handled here."""
+    if isinstance(d, dist.Independent):
+        inner = as_float64(d.base_dist)
+        return None if inner is None else dist.Independent(inner, d.reinterpreted_batch_ndims)
+    if isinstance(d, dist.TransformedDistribution):
+        inner = as_float64(d.base_dist)
+        return None if inner is None else dist.TransformedDistribution(inner, d.transforms)
+    if isinstance(d, dist.Normal):
+        return dist.Normal(d.loc.double(), d.scale.double())
+    if isinstance(d, dist.Laplace):
+        return dist.Laplace(d.loc.double(), d.scale.double())
+    if isinstance(d, dist.StudentT):
+        return dist.StudentT(d.df.double(), d.loc.double(), d.scale.double())
+    if isinstance(d, dist.LowRankMultivariateNormal):
+        return dist.LowRankMultivariateNormal(d.loc.double(), d.cov_factor.double(), d.cov_diag.double())
+    if isinstance(d, dist.Delta):
+        return dist.Delta(d.v.double(), d.log_density.double(), event_dim=d.event_dim)
+    return None
+
+
+class Float64Density(dist.TorchDistribution):
+    """Samples exactly as ``base`` (same dtype, same draws); ``log_prob`` and KL are computed in float64.
+
+    Parameters stay float32 (gradients flow through the casts); families that :func:`as_float64`
+    does not know keep their own dtype.
+    """
+
+    _wraps_density = True  # blob_pyro.poutine.flipout looks through this wrapper for the draw's mean
+    arg_constraints: dict = {}
+
+    def __init__(self, base):
+        self.base_dist = base
+        super().__init__(base.batch_shape, base.event_shape, validate_args=False)
+
+    @property
+    def has_rsample(self):
+        return self.base_dist.has_rsample
+
+    @property
+    def support(self):
+        return self.base_dist.support
+
+    @property
+    def mean(self):
+        return self.base_dist.mean
+
+    @property
+    def variance(self):
+        return self.base_dist.variance
+
+    def sample(self, sample_shape=torch.Size()):
+        return self.base_dist.sample(sample_shape)
+
+    def rsample(self, sample_shape=torch.Size()):
+        return self.base_dist.rsample(sample_shape)
+
+    def log_prob(self, value):
+        wide = as_float64(self.base_dist)
+        if wide is None:
+            return self.base_dist.log_prob(value)
+        return wide.log_prob(value.double())
+
+    def expand(self, batch_shape, _instance=None):
+        return Float64Density(self.base_dist.expand(batch_shape))
+
+
+@register_kl(Float64Density, Float64Density)
+def _kl_float64(p, q):
+    wp, wq = as_float64(p.base_dist), as_float64(q.base_dist)
+    if wp is None or wq is None:
+        return kl_divergence(p.base_dist, q.base_dist)
+    return kl_divergence(wp, wq)
+
+
+class Float64Latents(Messenger):
+    """Wrap the distribution of every latent (unobserved) sample site in :class:`Float64Density`.
+
+    Used around every SVI step (float32 or autocast) so that the KL part of the ELBO (log q − log p of
+    the draws, or the closed-form KL of ``TraceMeanField_ELBO``) is computed and summed in float64::
+
+        with Float64Latents(), torch.autocast("cuda", dtype=torch.bfloat16):
+            svi.step(batch)
+    """
+
+    def _pyro_sample(self, msg):
+        if msg["is_observed"] or site_is_subsample(msg) or isinstance(msg["fn"], Float64Density):
+            return
+        if isinstance(msg["fn"], torch.distributions.Distribution):
+            msg["fn"] = Float64Density(msg["fn"])
+
+
+
+def float64_latents() -> Float64Latents:
+    """Context manager: latent log-densities (and closed-form KLs) in float64; see :class:`Float64Latents`."""
+    return Float64Latents()
