@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 import torch
+
 from .errors import ModelError
 
 __all__ = ["ModelError", "resolve_model", "load_backbone", "default_targets", "head_kind_for", "CAUSAL", "ENCODER_HEADS",
@@ -82,8 +83,12 @@ def load_backbone(name_or_path: str, *, num_classes: int, head: str = "auto", tr
     ``device``: where a quantised (8/4-bit) model is loaded (``device_map``); other models load on the CPU
     and the caller moves them.
     """
-    from transformers import (AutoModelForCausalLM, AutoModelForMultipleChoice, AutoModelForSequenceClassification,
-                              AutoTokenizer)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForMultipleChoice,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
     config = load_config(name_or_path, trust_remote_code=trust_remote_code)
     kind = head_kind_for(config) if head == "auto" else head
@@ -95,8 +100,8 @@ def load_backbone(name_or_path: str, *, num_classes: int, head: str = "auto", tr
         kwargs["dtype"] = torch_dtype
     if load_in_8bit or load_in_4bit:
         try:
-            from transformers import BitsAndBytesConfig
             import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
         except ImportError as err:
             raise ModelError("8-bit/4-bit loading needs bitsandbytes: pip install 'blob_pyro[quant]'") from err
         # the heads stay in full precision: the classifier is trained (PEFT's modules_to_save copies it, and an

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import pyro
 import torch
+
 from .errors import CheckpointError
 from .io import atomic_save_safetensors
 
@@ -247,7 +248,7 @@ class GracefulInterrupt:
             raise KeyboardInterrupt
         self.signum = signum
 
-    def __enter__(self) -> "GracefulInterrupt":
+    def __enter__(self) -> GracefulInterrupt:
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)

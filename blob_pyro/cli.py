@@ -78,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train and evaluate a run")
     t.add_argument("--config", help="JSON or YAML file of RunConfig settings (flags override it)")
     t.add_argument("--output-dir", help="run folder to create")
-    t.add_argument("--resume", metavar="OUT", help="continue the run in OUT from its last checkpoint (settings from OUT/config.json)")
+    t.add_argument("--resume", metavar="OUT",
+                   help="continue the run in OUT from its last checkpoint (settings from OUT/config.json)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_config_flags(t)

@@ -181,7 +181,7 @@ class RunConfig:
         section = self.fields()[name][0]
         return getattr(getattr(self, section) if section else self, name)
 
-    def replace(self, **settings) -> "RunConfig":
+    def replace(self, **settings) -> RunConfig:
         """A copy with flat ``settings`` changed (unknown names are refused)."""
         data = self.flat_dict()
         _check_names(settings, "setting")
@@ -197,7 +197,7 @@ class RunConfig:
         return {name: self.get(name) for name in self.fields()}
 
     @classmethod
-    def from_dict(cls, data: dict, *, source: str = "setting") -> "RunConfig":
+    def from_dict(cls, data: dict, *, source: str = "setting") -> RunConfig:
         """Build from flat keys (``{"lr": 1e-3}``), nested sections (``{"fit": {"lr": 1e-3}}``) or both."""
         if not isinstance(data, dict):
             raise ConfigError(f"a configuration must be a mapping of settings, got {type(data).__name__}")
@@ -218,13 +218,13 @@ class RunConfig:
         return cls(**top, **sections)
 
     @classmethod
-    def from_file(cls, path, overrides: dict | None = None) -> "RunConfig":
+    def from_file(cls, path, overrides: dict | None = None) -> RunConfig:
         data = read_config_file(path)
         cfg = cls.from_dict(data, source=f"key in {path}:")
         return cfg.replace(**overrides) if overrides else cfg
 
     # ---- validation and the method -----------------------------------------------------------
-    def validate(self) -> "RunConfig":
+    def validate(self) -> RunConfig:
         """Check types, choices and ranges of every setting (``None`` allowed where it means "not set")."""
         for name, (_, f, hint) in self.fields().items():
             value = self.get(name)
@@ -257,7 +257,7 @@ class RunConfig:
             raise ConfigError("load_in_8bit and load_in_4bit exclude each other; choose one")
         return self
 
-    def resolve(self) -> "RunConfig":
+    def resolve(self) -> RunConfig:
         """The method and preset applied: every "not set" field filled, conflicts refused (one line).
 
         Idempotent: a resolved config resolves to itself.

@@ -24,7 +24,8 @@ What each process does (see docs/distributed.md):
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 

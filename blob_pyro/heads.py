@@ -15,9 +15,10 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
+
 from .errors import HeadError
 
 __all__ = ["CausalLMHead", "MultipleChoiceHead", "SequenceClassificationHead", "HEADS", "HeadError"]

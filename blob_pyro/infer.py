@@ -28,7 +28,7 @@ import dataclasses
 import math
 import re
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from pyro import poutine

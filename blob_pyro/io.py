@@ -17,8 +17,8 @@ import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 __all__ = ["atomic_write", "atomic_write_text", "atomic_write_bytes", "atomic_save_safetensors", "atomic_dir"]
 

@@ -13,7 +13,7 @@ known here), so a new guide family never silently trains its stds at the means' 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pyro
 import torch

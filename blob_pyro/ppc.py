@@ -35,7 +35,6 @@ A statistic undefined for the data (the error of a class no example has) is NaN 
 from __future__ import annotations
 
 import json
-import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,9 +162,9 @@ def write_outputs(result: PPCResult, idata, out_dir, *, extra: dict | None = Non
     import matplotlib.pyplot as plt
 
     from . import arviz_io
+    from .io import atomic_write_text
     from .metrics import compute_metrics
     from .plots import confidence_histogram, plot_ppc_statistics, reliability_diagram, save_figure
-    from .io import atomic_write_text
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

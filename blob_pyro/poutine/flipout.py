@@ -182,7 +182,7 @@ class FlipoutMessenger(Messenger):
             tape.append(bits)
         return bits
 
-    def frozen_copy(self) -> "FlipoutMessenger":
+    def frozen_copy(self) -> FlipoutMessenger:
         """A copy that knows the same means (for replaying a block under gradient checkpointing)."""
         copy = FlipoutMessenger(self.per, seed=0, stream=0)
         copy._locs = dict(self._locs)
