@@ -29,11 +29,10 @@ from torch.distributions.transforms import ReshapeTransform
 
 __all__ = ["BlobGuide", "make_guide", "GUIDES", "guide_std"]
 
-# Floor on the low-rank guide's diagonal std s. With BLoB's KL weight ~0, the data drives some s towards 0
-# (s = rho², Adam). At s ~ 5e-18 the backward pass of the Woodbury terms (which scale like 1/s² and 1/s³)
-# overflowed float32 and a parameter became NaN (OpenBookQA, step 57); below ~1e-19 s² itself leaves
-# float32's normal range and the capacitance Cholesky fails. 1e-10 keeps s² ≥ 1e-20, far below any std
-# that matters next to LoRA entries of ~1e-2.
+# Floor on the low-rank guide's diagonal std s: the Woodbury terms scale like 1/s² and 1/s³ and overflow
+# float32 in backward as s nears 1e-18, and below ~1e-19 s² leaves float32's normal range (the capacitance
+# Cholesky fails). 1e-10 keeps s² ≥ 1e-20, far below any std that matters next to LoRA entries of ~1e-2.
+# docs/numerics.md has the run that showed it.
 _LOWRANK_MIN_STD = 1e-10
 
 
@@ -78,9 +77,9 @@ class BlobGuide(AutoGuide):
     :math:`\mathrm{diag}(\sigma)\,(I + U U^\top)\,\mathrm{diag}(\sigma)` with a learned D×k
     ``corr_factor`` U (D = entries of the factor), i.e. ``LowRankMultivariateNormal(vec(M),
     σ ⊙ U, σ²)``. U is scale-free (as in Pyro's ``AutoLowRankMultivariateNormal``): the Woodbury
-    capacitance :math:`I + U^\top U` does not depend on σ. Storing the covariance factor W itself
-    broke in float32 once training shrank σ to ~1e-8 while W stayed ~1e-2: the capacitance
-    :math:`I + W^\top \mathrm{diag}(σ^2)^{-1} W` grew to ~1e12 and its Cholesky failed.
+    capacitance :math:`I + U^\top U` does not depend on σ (with the covariance factor W itself, the
+    capacitance :math:`I + W^\top \mathrm{diag}(σ^2)^{-1} W` grows like 1/σ² and its float32 Cholesky fails
+    once training shrinks σ; see ``docs/numerics.md``).
     U starts N(0, 0.5/k), so the initial marginal std is ~1.22× the diagonal guide's. σ is floored at
     1e-10 in this family: the data can drive it towards 0, where σ² leaves float32's normal range
     and the Woodbury terms overflow.

@@ -4,7 +4,7 @@ A schedule gives ``weight(step)``: the weight of KL(q‖p) relative to the *batc
 per-step objective is ``mean NLL + weight · KL``. In the Pyro model the likelihood sits in a plate
 of size N (scaled N/B), so the latent sites are scaled by ``N · weight``::
 
-    schedule = BlobKLSchedule(num_data=640, batch_size=4)      # BLoB §1.6
+    schedule = BlobKLSchedule(num_data=640, batch_size=4)      # docs/reference.md
     with scale_latents(num_data * schedule.weight(step)):      # blob_pyro.poutine
         loss = elbo.differentiable_loss(model, guide, batch)
     kl = closed_form_kl(guide.site_distribution(name), prior)  # float64; refused where there is no closed form
@@ -55,7 +55,7 @@ class FixedKL:
 
 
 class BlobKLSchedule:
-    """BLoB's KL re-weighting (official code, §1.6 of the reference notes).
+    """BLoB's KL re-weighting, as the official code does it (``docs/reference.md``).
 
     :param int num_data: N, training examples (counted after drop_last, as the official code does).
     :param int batch_size: per-process batch size B.

@@ -1,9 +1,10 @@
 """Mixed precision on the CPU: is bf16 native here?
 
 bf16 autocast is fast only on CPUs with bf16 instructions (AVX512-BF16 or AMX). Elsewhere PyTorch emulates
-it: on an AVX2-only AMD EPYC (Zen 3), a MiniLM multiple-choice forward of 32 x 2 x 48 tokens took 9.2 s in
-bf16 against 1.4 s in float32 (one thread; 5.0 s against 0.9 s on two threads). A run asked to use bf16 on
-such a CPU still does (the numbers then match other bf16 runs), but says once that float32 would be faster.
+it, several times slower than float32 (docs/numerics.md has the measurement). A run asked to use bf16 on such
+a CPU still does (the numbers then match other bf16 runs), but says once that float32 would be faster::
+
+    warn_if_emulated("cpu", torch.bfloat16)      # True (and a RuntimeWarning, once) where bf16 is emulated
 """
 from __future__ import annotations
 

@@ -153,7 +153,7 @@ def run_versions() -> dict:
 
     ``cpu_capability`` is the SIMD level torch dispatches its CPU kernels to ("AVX512", "AVX2", ...): the same
     seed and settings give bit-identical results only on the same level, since the kernels round differently
-    (measured: a 250-step WinoGrande-S ``mle`` run, AVX2 vs AVX512, dev accuracy 49.49 % vs 49.25 %).
+    (docs/numerics.md).
     """
     import peft
     import transformers

@@ -3,7 +3,7 @@
 Inside ``flipout()``, a LoRA factor whose value was drawn from a distribution with a known mean
 is applied as ``x @ loc.T + ((x * r) @ (value - loc).T) * s``, with fresh Rademacher signs ``r``
 (input side) and ``s`` (output side) for every example and token: one shared Gaussian draw per
-layer, decorrelated across positions by the sign flips (Wen et al. 2018; BLoB §1.3)::
+layer, decorrelated across positions by the sign flips (Wen et al. 2018; ``docs/reference.md``)::
 
     with flipout():
         loss = svi.step(batch)          # guide draws once per layer, signs differ per token
@@ -22,9 +22,8 @@ How the signs are made and kept (what makes Flipout cost about what plain LoRA c
 - A sign flip is an XOR of the sign bit (exact, the same as multiplying by ±1), so no float sign
   tensor is ever built.
 - :class:`FlipoutLinearFunction` saves only ``x``, the mean, the perturbation and the packed bits
-  (1 bit per sign) for backward, where the signs are unpacked again. The earlier ``torch.where``
-  implementation kept a bool mask per sign (1 byte) and, for a Bayesian ``lora_A``, a flipped copy
-  of the layer input (4 bytes per element) alive until backward, per layer.
+  (1 bit per sign) for backward, where the signs are unpacked again: no bool mask (1 byte per sign) and,
+  for a Bayesian ``lora_A``, no flipped copy of the layer input (4 bytes per element) lives until backward.
 """
 
 from __future__ import annotations
