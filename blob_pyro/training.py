@@ -38,7 +38,7 @@ import torch
 
 from .config import RunConfig
 from .data import dataset_info, load_split
-from .errors import ConfigError, RunError, TrainingError
+from .errors import ConfigError, HeadError, RunError, TrainingError
 from .guides import make_guide
 from .heads import CausalLMHead, MultipleChoiceHead, SequenceClassificationHead
 from .io import atomic_dir, atomic_save_safetensors, atomic_write_text
@@ -47,8 +47,8 @@ from .model import BlobModel
 from .optim import register_parameters
 from .priors import make_prior
 
-__all__ = ["Run", "build", "evaluate", "build_model", "train_run", "resume_run", "TrainingInterrupted", "load_run",
-           "save_run", "read_run_config", "run_versions", "set_seed", "pick_device"]
+__all__ = ["Run", "build", "evaluate", "build_model", "retarget_head", "train_run", "resume_run", "TrainingInterrupted",
+           "load_run", "save_run", "read_run_config", "run_versions", "set_seed", "pick_device"]
 
 
 @dataclass
@@ -124,6 +124,22 @@ def build_model(cfg: RunConfig, *, num_data: int = 1, adapter_dir: str | os.Path
     prior = make_prior(bayes.prior, bayes.prior_scale, **({"df": bayes.prior_df} if bayes.prior == "student_t" else {}))
     return BlobModel(network, head, bayesian_factor=bayes.bayesian_factor, prior=prior, num_data=num_data,
                      flipout=bayes.flipout_per if bayes.flipout else None)
+
+
+def retarget_head(model: BlobModel, dataset: str) -> None:
+    """Point ``model``'s head at another dataset's options (same backbone, LoRA and tokenizer), e.g. to evaluate
+    a run out of distribution.
+
+    A causal-LM head then scores ``dataset``'s option words and a multiple-choice head its number of options; a
+    classifier head keeps its K trained classes, so a dataset with another K is refused (HeadError).
+    """
+    num_classes, option_words = dataset_info(dataset)
+    head = model.head
+    if head.kind == "sequence_classification":
+        if head.num_classes != num_classes:
+            raise HeadError(f"a {head.num_classes}-way classifier head cannot score {dataset} ({num_classes} options)")
+        return
+    model.head = _make_head(head.kind, head.tokenizer, num_classes, option_words, head.max_length)
 
 
 def _make_guide(cfg: RunConfig, model: BlobModel):
