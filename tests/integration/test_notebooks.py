@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 ORDER = ["01_quickstart.ipynb", "02_priors_and_guides.ipynb", "03_posterior_diagnostics.ipynb",
          "04_posterior_predictive_checks.ipynb"]
 
