@@ -1,4 +1,10 @@
-"""Shared test fixtures: every test starts from an empty Pyro param store, with validation on and seeds set."""
+"""Shared test fixtures: every test starts from an empty Pyro param store, with validation on and seeds set.
+
+Layout: ``tests/unit/`` (one file per library module, on the tiny in-file network of ``tests/unit/tiny.py``;
+no backbone weights, no data folder) and ``tests/integration/`` (MiniLM, the tiny random Llama, the data
+folder, subprocesses, notebooks). Everything under ``tests/integration/`` is marked ``integration``, so
+``pytest -m "not integration"`` runs the fast part alone.
+"""
 
 import os
 import sys
@@ -15,6 +21,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+INTEGRATION = Path(__file__).resolve().parent / "integration"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if INTEGRATION in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(autouse=True)
