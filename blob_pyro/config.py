@@ -29,6 +29,7 @@ from .errors import ConfigError
 from .guides import GUIDES
 from .heads import HEADS
 from .kl import KL_SCHEDULES
+from .methods import METHODS, PRESETS, apply_method
 from .priors import PRIORS
 
 __all__ = ["AdapterConfig", "BayesConfig", "FitConfig", "PredictConfig", "RuntimeConfig", "RunConfig",
@@ -149,9 +150,9 @@ class RunConfig:
     train_limit: Optional[int] = _f(None, "use only the first N training examples")
     eval_limit: Optional[int] = _f(None, "evaluate on the first N examples only")
     method: str = _f("blob", "blob | mle (plain LoRA) | map | mcdropout | bbb: a preset of the settings it implies "
-                             "(docs/methods.md)", choices=("blob", "mle", "map", "mcdropout", "bbb"))
+                             "(docs/methods.md)", choices=tuple(METHODS))
     preset: Optional[str] = _f(None, "'paper': the official optimisation (A factor, AdamW on NLL + SGD on KL)",
-                               choices=(None, "paper"))
+                               choices=(None, *PRESETS))
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     bayes: BayesConfig = field(default_factory=BayesConfig)
     fit: FitConfig = field(default_factory=FitConfig)
@@ -262,8 +263,6 @@ class RunConfig:
 
         Idempotent: a resolved config resolves to itself.
         """
-        from .methods import apply_method
-
         self.validate()
         flat = apply_method(self.flat_dict(), self.method, self.preset)
         for name, (_, f, _) in self.fields().items():
