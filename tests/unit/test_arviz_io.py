@@ -1,4 +1,5 @@
-"""to_inference_data: groups, dims, shapes, joint draws, NetCDF round trip, ArviZ functions on it."""
+"""blob_pyro.arviz_io: to_inference_data of a tiny run: groups, dims, shapes, joint draws, NetCDF round trip,
+ArviZ functions on it."""
 
 import json
 
@@ -12,25 +13,19 @@ import torch
 import xarray as xr
 
 from blob_pyro import arviz_io
-from blob_pyro.config import TrainConfig
-from blob_pyro.guides import make_guide
-from blob_pyro.runs import Run, RunError, build_model
-from helpers import toy_examples
+from blob_pyro.config import RunConfig
+from blob_pyro.errors import RunError
+
+from .tiny import tiny_examples as toy_examples
+from .tiny import tiny_run
 
 S, N = 4, 6
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _run(tiny_llama_dir, guide="blob", factor="B"):
-    cfg = TrainConfig(model=str(tiny_llama_dir), dataset="winogrande_s", bayesian_factor=factor, max_length=64,
-                      guide=guide, eval_batch_size=4)
-    model = build_model(cfg, num_data=32)
-    g = make_guide(guide, model)
-    with torch.no_grad():
-        g(model.example_batch())
-    return Run(cfg, model, g)
+def _run(guide="blob", factor="B"):
+    cfg = RunConfig.from_dict({"dataset": "winogrande_s", "bayesian_factor": factor, "guide": guide,
+                               "eval_batch_size": 4, "eps": 0.3})
+    return tiny_run(cfg, num_data=32)
 
 
 def _log(tmp_path):
@@ -42,11 +37,8 @@ def _log(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def idata_and_run(tiny_llama_dir, tmp_path_factory):
-    import pyro
-
-    pyro.clear_param_store()
-    run = _run(tiny_llama_dir)
+def idata_and_run(tmp_path_factory):
+    run = _run()
     examples = toy_examples(N, seed=1)
     idata = arviz_io.to_inference_data(run, data=examples, num_samples=S, entries_per_site=3, seed=0,
                                        train_log=_log(tmp_path_factory.mktemp("log")))
@@ -64,7 +56,7 @@ def test_groups_dims_and_shapes(idata_and_run):
     assert post["factor_norm"].shape == (1, S, n_sites)
     assert post["update_norm"].dims == ("chain", "draw", "layer") and post["update_norm"].shape == (1, S, n_layers)
     assert list(post["site_name"].values) == [s.name for s in run.model.sites]
-    assert "L0 q_proj B" in list(post["site"].values) and "lm_head" in list(post["layer"].values)
+    assert list(post["site"].values) == ["L0 proj B", "L1 proj B"] and list(post["layer"].values) == ["L0 proj", "L1 proj"]
     assert set(post.data_vars) == {"factor_entry", "factor_norm", "update_norm"}  # never whole LoRA tensors
     pp = idata.posterior_predictive
     assert pp["y"].dims == ("chain", "draw", "example") and pp["y"].shape == (1, S, N)
@@ -96,8 +88,8 @@ def test_log_likelihood_matches_logits_and_draws_differ(idata_and_run):
     assert np.all(np.abs(entries.mean(0) - loc) < 6 * std / np.sqrt(S) + 1e-7)
 
 
-def test_one_draw_is_shared_by_every_batch(tiny_llama_dir):
-    run = _run(tiny_llama_dir)
+def test_one_draw_is_shared_by_every_batch():
+    run = _run()
     ex = toy_examples(3, seed=2)
     data = [ex[0], ex[1], ex[2], ex[0]]  # example 0 lands in batch 1 and batch 2 (batch_size=3)
     idata = arviz_io.to_inference_data(run, data=data, num_samples=3, batch_size=3, seed=5)
@@ -106,8 +98,8 @@ def test_one_draw_is_shared_by_every_batch(tiny_llama_dir):
     assert np.abs(logits[0] - logits[1]).max() > 1e-3  # while draws differ
 
 
-def test_seeded_and_point_guide_is_exact(tiny_llama_dir):
-    run = _run(tiny_llama_dir)
+def test_seeded_and_point_guide_is_exact():
+    run = _run()
     data = toy_examples(4, seed=3)
     a = arviz_io.to_inference_data(run, data=data, num_samples=2, seed=7)
     b = arviz_io.to_inference_data(run, data=data, num_samples=2, seed=7)
@@ -116,10 +108,10 @@ def test_seeded_and_point_guide_is_exact(tiny_llama_dir):
     xr.testing.assert_equal(a.posterior_predictive, b.posterior_predictive)
     assert not a.posterior["factor_entry"].equals(c.posterior["factor_entry"])
     # a point-mass guide: every draw is the mean, and the update norm is ||scaling * B @ A||_F of it
-    run = _run(tiny_llama_dir, guide="auto_delta")
+    run = _run(guide="auto_delta")
     d = arviz_io.to_inference_data(run, data=data, num_samples=2, seed=0)
     np.testing.assert_allclose(d.posterior["factor_entry"].values[0, 1], d.variational["entry_loc"].values)
-    med = run.guide.median(run.model.example_batch())
+    med = run.guide.median()
     site = run.model.sites[0]
     layer = site.layer
     w = layer.scaling["default"] * med[site.name].double() @ layer.lora_A["default"].weight.detach().double()
@@ -144,17 +136,17 @@ def test_arviz_functions_run(idata_and_run):
     idata, _, _ = idata_and_run
     table = arviz_io.summary(idata)
     assert list(table.columns) == ["mean", "sd", "hdi_3%", "hdi_97%"]
-    assert "update_norm[L0 q_proj]" in table.index and "factor_entry[lm_head B, 0]" in table.index
+    assert "update_norm[L0 proj]" in table.index and "factor_entry[L1 proj B, 0]" in table.index
     loo = arviz_io.loo(idata)
     assert np.isfinite(float(loo["elpd_loo"])) and len(loo.pareto_k) == N
     ax = arviz_io.plot_ppc(idata)
     assert ax is not None
-    az.plot_posterior(idata, var_names=["update_norm"], coords={"layer": ["lm_head"]})
+    az.plot_posterior(idata, var_names=["update_norm"], coords={"layer": ["L1 proj"]})
     plt.close("all")
 
 
-def test_labels_beyond_the_run_classes_are_refused(tiny_llama_dir):
-    run = _run(tiny_llama_dir)
+def test_labels_beyond_the_run_classes_are_refused():
+    run = _run()
     ex = toy_examples(3, num_classes=3, seed=0)
     bad = [e for e in ex if e.label == 2] or pytest.skip("no label 2 drawn")
     with pytest.raises(RunError, match="classes"):

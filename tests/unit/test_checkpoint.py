@@ -13,8 +13,18 @@ import pyro
 import pytest
 import torch
 
-from blob_pyro.checkpoint import (CHECKPOINT, Checkpoint, CheckpointError, GracefulInterrupt, capture,
-                                  get_rng_state, load_checkpoint, restore_params, save_checkpoint, set_rng_state)
+from blob_pyro.checkpoint import (
+    CHECKPOINT,
+    Checkpoint,
+    CheckpointError,
+    GracefulInterrupt,
+    capture,
+    get_rng_state,
+    load_checkpoint,
+    restore_params,
+    save_checkpoint,
+    set_rng_state,
+)
 from blob_pyro.config import FitConfig
 from blob_pyro.guides import make_guide
 from blob_pyro.infer import fit

@@ -5,8 +5,17 @@ import json
 
 import pytest
 
-from blob_pyro.config import (SECTIONS, AdapterConfig, BayesConfig, ConfigError, FitConfig, PredictConfig, RunConfig,
-                              RuntimeConfig, read_config_file)
+from blob_pyro.config import (
+    SECTIONS,
+    AdapterConfig,
+    BayesConfig,
+    ConfigError,
+    FitConfig,
+    PredictConfig,
+    RunConfig,
+    RuntimeConfig,
+    read_config_file,
+)
 from blob_pyro.methods import METHODS
 
 

@@ -1,4 +1,5 @@
-"""Pareto k̂ of a variational fit (exact vs far too narrow q), PSIS-LOO, held-out elpd, compare."""
+"""blob_pyro.diagnostics: Pareto k̂ of a variational fit (exact vs far too narrow q, and on the tiny BLoB model),
+PSIS-LOO, held-out elpd, compare."""
 
 import numpy as np
 import pyro
@@ -7,13 +8,21 @@ import pytest
 import torch
 
 from blob_pyro import arviz_io
-from blob_pyro.diagnostics import (compare, heldout_elpd, khat_reading, khat_threshold, log_importance_ratios,
-                                   loo_summary, pareto_k, vi_pareto_k)
+from blob_pyro.diagnostics import (
+    compare,
+    heldout_elpd,
+    khat_reading,
+    khat_threshold,
+    log_importance_ratios,
+    loo_summary,
+    pareto_k,
+    vi_pareto_k,
+)
+from blob_pyro.guides import make_guide
+
+from .tiny import tiny_examples, tiny_model
 
 D, N = 2, 40
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _toy(seed=0):
@@ -41,9 +50,10 @@ def test_khat_low_for_exact_q_and_high_for_far_too_narrow_q(seed):
     exact = log_importance_ratios(model, guide_for(1.0), [y], num_samples=200, seed=seed)
     k_exact, lw = pareto_k(exact["log_ratio"])
     assert k_exact < 0.5 and np.allclose(np.exp(lw).sum(), 1.0)  # ratios are log p(y): constant
-    near = log_importance_ratios(model, guide_for(1.1), [y], num_samples=1500, seed=seed)
+    near = log_importance_ratios(model, guide_for(1.1), [y], num_samples=400, seed=seed)
     assert pareto_k(near["log_ratio"])[0] < 0.5
-    narrow = log_importance_ratios(model, guide_for(0.1), [y], num_samples=1500, seed=seed)
+    # 1000 draws: k̂ of the narrow q is 0.76..1.26 over seeds 0..7 (0.62 at seed 4 with 400 draws)
+    narrow = log_importance_ratios(model, guide_for(0.1), [y], num_samples=1000, seed=seed)
     k_narrow = pareto_k(narrow["log_ratio"])[0]
     assert k_narrow > 0.7, k_narrow
     assert khat_reading(k_narrow).startswith("do not trust") and khat_reading(k_exact).startswith("good")
@@ -70,16 +80,10 @@ def test_khat_reading_and_threshold():
     assert khat_threshold(100) == pytest.approx(0.5) and khat_threshold(10_000) == 0.7
 
 
-def test_vi_pareto_k_on_a_blob_model(tiny_llama_dir):
-    from blob_pyro.config import TrainConfig
-    from blob_pyro.guides import make_guide
-    from blob_pyro.runs import build_model
-    from helpers import toy_examples
-
-    cfg = TrainConfig(model=str(tiny_llama_dir), dataset="winogrande_s", max_length=64)
-    model = build_model(cfg)
+def test_vi_pareto_k_on_a_blob_model():
+    model = tiny_model("B", num_data=12)
     guide = make_guide("blob", model)
-    data = toy_examples(12, seed=4)
+    data = tiny_examples(12, seed=4)
     a = vi_pareto_k(model, guide, data, num_samples=6, subsample_size=5, batch_size=2, seed=1)
     b = vi_pareto_k(model, guide, data, num_samples=6, subsample_size=5, batch_size=2, seed=1)
     assert a.log_ratios.shape == (6,) and np.isfinite(a.log_ratios).all()
@@ -92,6 +96,8 @@ def test_vi_pareto_k_on_a_blob_model(tiny_llama_dir):
     assert 1.0 <= a.ess <= 6.0 and set(a.to_dict()) >= {"khat", "reading", "subsample_size", "scale"}
     with pytest.raises(ValueError, match="point estimate"):
         vi_pareto_k(model, make_guide("auto_delta", model), data, num_samples=2)
+    with pytest.raises(ValueError, match="scale"):
+        vi_pareto_k(model, guide, data, num_samples=2, scale="half")
 
 
 def _idata(log_lik, labels):
@@ -116,23 +122,6 @@ def test_loo_heldout_and_compare_rank_the_better_predictive_first():
     assert list(table.index) == ["good", "bad"]
     with pytest.raises(ValueError, match="different"):
         compare({"good": g, "short": _idata(good[:, :10], labels[:10])})
-
-
-def test_plot_importance_ratios():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from blob_pyro.plots import plot_importance_ratios
-
-    ax = plot_importance_ratios(np.array([0.0, -1.0, -30.0, 2.0]), khat=1.2)
-    ys = ax.lines[0].get_ydata()
-    assert np.all(np.diff(ys) <= 0) and np.isclose(ys.sum(), 1.0)  # sorted, normalised weights
-    assert "k̂ = 1.20" in ax.get_title()
-    with pytest.raises(ValueError):
-        plot_importance_ratios(np.array([np.nan]))
-    plt.close("all")
 
 
 def test_ratios_stay_finite_for_a_collapsed_float32_std():

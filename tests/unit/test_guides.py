@@ -70,7 +70,7 @@ def test_every_guide_sets_itself_up_without_data(guide_name):
         assert torch.allclose(median[site.name], model.init_loc_fn({"name": site.name}))
     stds = guide_std(guide)
     assert set(stds) == set(shapes)
-    for name, std in stds.items():
+    for std in stds.values():
         if guide_name == "auto_delta":
             assert torch.count_nonzero(std) == 0
         elif guide_name == "auto_normal":  # eps^2, BLoB's initial std scale, not Pyro's 0.1

@@ -1,4 +1,4 @@
-"""Metrics agree with torchmetrics / torch references (the BLoB protocol) on seeded random predictions."""
+"""blob_pyro.metrics: agreement with torchmetrics / torch references (the BLoB protocol) on seeded random predictions."""
 
 import math
 

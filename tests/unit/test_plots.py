@@ -1,4 +1,4 @@
-"""Each plot function draws something checkable on small seeded inputs, headless (Agg)."""
+"""blob_pyro.plots: each plot function draws something checkable on small seeded inputs, headless (Agg)."""
 
 import json
 
@@ -16,6 +16,7 @@ from matplotlib.patches import Rectangle  # noqa: E402
 from blob_pyro.metrics import expected_calibration_error, reliability_bins  # noqa: E402
 from blob_pyro.plots import (  # noqa: E402
     confidence_histogram,
+    plot_importance_ratios,
     plot_metric_comparison,
     plot_posterior_std,
     plot_prior_vs_posterior,
@@ -180,3 +181,38 @@ def test_plot_metric_comparison_and_save(tmp_path):
     out = save_figure(fig, tmp_path / "a" / "b" / "cmp.png")
     assert out.is_file() and out.stat().st_size > 1000
     assert not plt.fignum_exists(fig.number)  # save_figure closes it
+
+
+def test_plot_importance_ratios():
+    ax = plot_importance_ratios(np.array([0.0, -1.0, -30.0, 2.0]), khat=1.2)
+    ys = ax.lines[0].get_ydata()
+    assert np.all(np.diff(ys) <= 0) and np.isclose(ys.sum(), 1.0)  # sorted, normalised weights
+    assert "k̂ = 1.20" in ax.get_title()
+    with pytest.raises(ValueError):
+        plot_importance_ratios(np.array([np.nan]))
+
+
+def test_plot_ppc_statistics_and_the_reliability_band():
+    from blob_pyro.plots import plot_ppc_statistics
+    from blob_pyro.ppc import check_predictive
+
+    g = torch.Generator().manual_seed(0)
+    true_logits = 2.0 * torch.randn(100, 3, generator=g)
+    labels = torch.multinomial(torch.softmax(true_logits, -1), 1, generator=g).squeeze(1)
+    logits = true_logits[None] + 0.1 * torch.randn(20, 100, 3, generator=g)
+    y_rep = torch.multinomial(torch.softmax(logits, -1).reshape(-1, 3), 1, generator=g).reshape(20, 100)
+    res = check_predictive(logits, labels, y_rep)
+    fig = plot_ppc_statistics(res)
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(visible) == len(res.statistics) and visible[0].get_title().startswith("accuracy\np = ")
+    plt.close(fig)
+    # the band covers every non-empty bin over its whole width, an isolated bin and a run's last bin included
+    lower, upper = np.full(15, np.nan), np.full(15, np.nan)
+    lower[[7, 8, 12]], upper[[7, 8, 12]] = 0.3, 0.9
+    ax = reliability_diagram(res.probs, res.labels, band={"lower": lower, "upper": upper})
+    band = [c for c in ax.collections if c.get_label() == "predictive band"][0]
+    xs = np.concatenate([p.vertices[:, 0] for p in band.get_paths()])
+    edges = np.linspace(0, 1, 16)
+    for lo_edge, hi_edge in ((edges[7], edges[9]), (edges[12], edges[13])):
+        assert np.isclose(xs, lo_edge).any() and np.isclose(xs, hi_edge).any()
+    assert not np.isclose(xs, edges[10]).any()  # no band over empty bins

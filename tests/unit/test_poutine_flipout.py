@@ -11,8 +11,16 @@ from pyro import poutine
 
 from blob_pyro.guides import make_guide
 from blob_pyro.optim import register_parameters
-from blob_pyro.poutine.flipout import (FlipoutLinearFunction, FlipoutMessenger, FlipoutReplay, active_flipout,
-                                       apply_signs, flipout, flipout_linear, sign_bytes)
+from blob_pyro.poutine.flipout import (
+    FlipoutLinearFunction,
+    FlipoutMessenger,
+    FlipoutReplay,
+    active_flipout,
+    apply_signs,
+    flipout,
+    flipout_linear,
+    sign_bytes,
+)
 
 from .tiny import tiny_examples, tiny_model
 

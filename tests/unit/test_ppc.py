@@ -1,27 +1,13 @@
-"""Posterior predictive checks: p-values on right and wrong toy models, scripts/ppc.py end to end."""
+"""blob_pyro.ppc, the statistics: p-values on right and wrong toy predictives, mid-p ties, agreement with metrics.
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import matplotlib
-
-matplotlib.use("Agg")
+(``run_ppc``, ``scripts/ppc.py`` and ``blob-pyro ppc`` on a trained run: tests/integration/test_ppc.py.)"""
 
 import numpy as np
 import pytest
 import torch
 
 from blob_pyro.metrics import accuracy, expected_calibration_error
-from blob_pyro.ppc import check_idata, check_predictive, format_table, run_ppc
-
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "ppc.py"
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")
+from blob_pyro.ppc import check_predictive, format_table
 
 
 def _toy(n=400, k=3, s=200, seed=0):
@@ -106,96 +92,34 @@ def test_p_value_is_mid_p_for_ties():
     assert not st["per_class_error[1]"]["extreme"]
 
 
-# ----------------------------------------------------------------------------- on a tiny trained run
-@pytest.fixture(scope="module")
-def tiny_run(tiny_llama_dir, data_dir, tmp_path_factory):
-    from blob_pyro.config import TrainConfig
-    from blob_pyro.runs import train_run
+def test_report_is_json_safe():
+    import json
 
-    out = tmp_path_factory.mktemp("run") / "run"
-    cfg = TrainConfig(model=str(tiny_llama_dir), dataset="winogrande_s", data_dir=str(data_dir), max_steps=2,
-                      batch_size=4, train_limit=8, eval_limit=12, max_length=64, num_samples=2, device="cpu")
-    train_run(cfg, out, progress=False)
-    return out
-
-
-def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1"}
-
-
-def test_script_end_to_end(tiny_run, data_dir, tmp_path):
-    out = tmp_path / "ppc"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--run", str(tiny_run), "--dataset", "winogrande_s",
-                           "--data-dir", str(data_dir), "--num-samples", "5", "--out", str(out), "--quiet"],
-                          capture_output=True, text=True, timeout=240, env=_env())
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    for name in ("ppc.json", "idata.nc", "reliability.png", "confidence_histogram.png", "ppc_labels.png",
-                 "ppc_statistics.png"):
-        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
-    report = json.loads((out / "ppc.json").read_text())
-    assert report["num_samples"] == 5 and report["num_examples"] == 12 and report["dataset"] == "winogrande_s"
-    for name in ("accuracy", "confidence_gap", "ece", "class_frequency[0]", "per_class_error[1]"):
-        st = report["statistics"][name]
-        assert {"observed", "replicated", "p_value", "extreme"} <= set(st)
-        assert {"q05", "q50", "q95", "mean"} <= set(st["replicated"])
-    assert set(report["metrics"]) >= {"accuracy", "ece", "nll"}
-    assert "p-value" in proc.stdout and "accuracy" in proc.stdout
-    from blob_pyro import arviz_io
-
-    idata = arviz_io.load(out / "idata.nc")
-    assert idata.posterior_predictive["y"].shape == (1, 5, 12)
-    assert "training" in arviz_io.groups(idata) and idata.training["step"].size == 2
-    again = check_idata(idata)  # the saved file alone reproduces the report
-    assert json.loads(json.dumps(again.to_dict()))["statistics"]["ece"] == report["statistics"]["ece"]
-    assert again.meta["seed"] == 0 and again.meta["dataset"] == "winogrande_s"
-
-
-def test_script_wrong_run_folder_is_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--run", str(tmp_path / "missing"), "--out",
-                           str(tmp_path / "o")], capture_output=True, text=True, timeout=120, env=_env())
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ppc.py: error:") and "does not exist" in lines[0], proc.stderr
-    assert not (tmp_path / "o").exists()
-
-
-def test_run_ppc_user_errors_and_cli(tiny_run, data_dir, tmp_path, capsys):
-    from blob_pyro.cli import main
-
-    assert run_ppc(tiny_run, dataset="no_such_set", num_samples=2, out_dir=tmp_path / "a", progress=False) == 2
-    assert run_ppc(tiny_run, dataset="arc_easy", data_dir=str(data_dir), num_samples=2, out_dir=tmp_path / "b",
-                   progress=False) == 2  # 5 classes, the run scores 2
-    assert run_ppc(tmp_path, num_samples=2, out_dir=tmp_path / "c", progress=False) == 2  # not a run folder
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 3 and all(line.startswith("blob-pyro ppc: error:") for line in err), err
-    assert "unknown dataset" in err[0] and "classes" in err[1] and "config.json" in err[2]
-    rc = main(["ppc", "--run", str(tiny_run), "--data-dir", str(data_dir), "--num-samples", "2",
-               "--out", str(tmp_path / "d"), "--quiet"])
-    assert rc == 0 and (tmp_path / "d" / "ppc.json").is_file()
-
-
-def test_plots_of_the_checks():
-    import matplotlib.pyplot as plt
-
-    from blob_pyro.plots import plot_ppc_statistics, reliability_diagram
-
-    true_logits, labels, g = _toy(n=100, s=20)
+    true_logits, labels, g = _toy(n=50, s=20)
     logits = _draws(true_logits, 20, g)
     res = check_predictive(logits, labels, _replicate(logits, g))
-    fig = plot_ppc_statistics(res)
-    visible = [ax for ax in fig.axes if ax.get_visible()]
-    assert len(visible) == len(res.statistics) and visible[0].get_title().startswith("accuracy\np = ")
-    plt.close(fig)
-    # the band covers every non-empty bin over its whole width, an isolated bin and a run's last bin included
-    lower, upper = np.full(15, np.nan), np.full(15, np.nan)
-    lower[[7, 8, 12]], upper[[7, 8, 12]] = 0.3, 0.9
-    ax = reliability_diagram(res.probs, res.labels, band={"lower": lower, "upper": upper})
-    band = [c for c in ax.collections if c.get_label() == "predictive band"][0]
-    xs = np.concatenate([p.vertices[:, 0] for p in band.get_paths()])
-    edges = np.linspace(0, 1, 16)
-    for lo_edge, hi_edge in ((edges[7], edges[9]), (edges[12], edges[13])):
-        assert np.isclose(xs, lo_edge).any() and np.isclose(xs, hi_edge).any()
-    assert not np.isclose(xs, edges[10]).any()  # no band over empty bins
-    plt.close("all")
+    back = json.loads(json.dumps(res.to_dict()))
+    assert set(back["statistics"]) == set(res.statistics)
+    assert back["statistics"]["ece"]["p_value"] == pytest.approx(res.statistics["ece"]["p_value"])
+
+
+@pytest.mark.parametrize("kwargs, needle", [({"num_samples": 0}, "--num-samples must be >= 1"),
+                                            ({"limit": 0}, "--limit must be >= 1")])
+def test_run_ppc_refuses_bad_arguments_before_reading_anything(tmp_path, kwargs, needle):
+    from blob_pyro.errors import ConfigError
+    from blob_pyro.ppc import run_ppc
+
+    with pytest.raises(ConfigError, match=needle):
+        run_ppc(tmp_path / "no_run", out_dir=tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_ppc_refuses_an_output_that_is_a_file(tmp_path):
+    from blob_pyro.errors import RunError
+    from blob_pyro.ppc import run_ppc
+
+    (tmp_path / "out").write_text("x")
+    with pytest.raises(RunError, match="not a folder"):
+        run_ppc(tmp_path / "no_run", out_dir=tmp_path / "out")
+    with pytest.raises(RunError, match="does not exist"):  # a missing run folder: before any model loads
+        run_ppc(tmp_path / "no_run", out_dir=tmp_path / "fresh")
