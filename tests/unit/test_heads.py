@@ -1,0 +1,120 @@
+"""blob_pyro.heads with a word-level tokenizer built in memory and stand-in networks: batching, padding and which
+logits each head reads."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from blob_pyro.data import Example
+from blob_pyro.errors import HeadError
+from blob_pyro.heads import HEADS, CausalLMHead, MultipleChoiceHead, SequenceClassificationHead
+
+from .tiny import word_tokenizer
+
+WORDS = ["red", "blue", "green", "black", "white"]
+
+
+def _examples(counts=(2, 2), prompts=None):
+    out = []
+    for i, n in enumerate(counts):
+        prompt = prompts[i] if prompts else "the colour is red ? Answer :"
+        out.append(Example(i, prompt, tuple(WORDS[:n]), tuple((f"which colour is {WORDS[i]} ?", w)
+                                                                for w in WORDS[:n]), label=i % n))
+    return out
+
+
+class Scorer(torch.nn.Module):
+    """Stand-in encoder: one score per sequence, the masked mean of token embeddings times a vector."""
+
+    def __init__(self, vocab=64):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(vocab, 4)
+        self.out = torch.nn.Linear(4, 1)
+        self.calls = []
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        self.calls.append(tuple(input_ids.shape))
+        m = attention_mask.unsqueeze(-1).float()
+        h = (self.emb(input_ids) * m).sum(-2) / m.sum(-2)
+        return SimpleNamespace(logits=self.out(h).squeeze(-1))
+
+
+def test_causal_lm_head_pads_left_and_reads_the_option_tokens():
+    tok = word_tokenizer()
+    head = CausalLMHead(tok, ("A", "B"), max_length=6)
+    assert (tok.padding_side, tok.truncation_side) == ("left", "left")
+    assert head.option_ids == [tok.convert_tokens_to_ids("A"), tok.convert_tokens_to_ids("B")]
+    examples = _examples(prompts=["red :", "the colour is red blue green ? Answer :"])
+    batch = head.collate(examples)
+    assert set(batch) == {"input_ids", "attention_mask", "position_ids", "labels", "index"}
+    ids, mask, pos = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
+    assert ids.shape == (2, 6) and mask[0].tolist() == [0, 0, 1, 1, 1, 1]  # padded on the left
+    assert pos[0].tolist() == [0, 0, 0, 1, 2, 3] and pos[1].tolist() == list(range(6))  # positions follow the mask
+    # truncated on the left: the end of the prompt ("Answer :" and [SEP]) survives
+    assert tok.convert_ids_to_tokens(ids[1].tolist())[-3:] == ["Answer", ":", "[SEP]"]
+    assert batch["labels"].tolist() == [0, 1] and batch["index"].tolist() == [0, 1]
+
+    seen = {}
+
+    def network(input_ids, attention_mask, position_ids, logits_to_keep):
+        seen["keep"] = logits_to_keep
+        vocab = torch.arange(input_ids.shape[1] * 30.0).reshape(1, input_ids.shape[1], 30)
+        return SimpleNamespace(logits=vocab.expand(input_ids.shape[0], -1, -1)[:, -1:])
+
+    logits = head.logits(network, batch)
+    assert seen["keep"] == 1 and logits.shape == (2, 2) and logits.dtype == torch.float32
+    assert logits[0].tolist() == [5 * 30.0 + head.option_ids[0], 5 * 30.0 + head.option_ids[1]]
+    assert head.to_config() == {"kind": "causal_lm", "num_classes": 2, "max_length": 6, "option_words": ["A", "B"]}
+
+
+def test_causal_lm_head_without_logits_to_keep_uses_the_last_position():
+    head = CausalLMHead(word_tokenizer(), ("True", "False"))
+    batch = head.collate(_examples())
+
+    def old_network(input_ids, attention_mask, position_ids):
+        return SimpleNamespace(logits=torch.randn(input_ids.shape[0], input_ids.shape[1], 40))
+
+    assert head.logits(old_network, batch).shape == (2, 2)
+
+
+def test_option_words_that_share_a_token_are_refused():
+    with pytest.raises(HeadError) as err:
+        CausalLMHead(word_tokenizer(), ("A", "zebra", "zebra2"))  # both unknown words map to [UNK]
+    assert "non-distinct" in str(err.value) and isinstance(err.value, ValueError)
+
+
+def test_multiple_choice_head_encodes_only_present_options():
+    """Packing the present options gives the full (B, K) layout's scores, -inf where an option is absent."""
+    head = MultipleChoiceHead(word_tokenizer(), num_classes=5, max_length=16)
+    examples = _examples(counts=(4, 5, 3, 4))
+    batch = head.collate(examples)
+    assert batch["input_ids"].shape[:2] == (4, 5) and batch["choice_mask"].sum() == 16
+    net = Scorer()
+    packed = head.logits(net, batch)
+    assert net.calls == [(1, 16, batch["input_ids"].shape[-1])]  # one pass over the 16 present options
+    full = net(batch["input_ids"], batch["attention_mask"]).logits
+    mask = batch["choice_mask"]
+    assert packed.shape == (4, 5)
+    assert torch.isinf(packed[~mask]).all() and (packed[~mask] < 0).all()
+    torch.testing.assert_close(packed[mask], full[mask])
+    # gradients reach the network through the scatter
+    packed[mask].sum().backward()
+    assert net.out.weight.grad is not None and net.out.weight.grad.abs().sum() > 0
+    six = Example(0, "", tuple(WORDS) + ("x",), tuple(("q", w) for w in WORDS + ["x"]), 0)
+    with pytest.raises(HeadError, match="more than 5"):
+        head.collate([six])
+
+
+def test_sequence_classification_head():
+    head = SequenceClassificationHead(word_tokenizer(), num_classes=2, max_length=12)
+    batch = head.collate(_examples())
+    assert batch["input_ids"].shape[0] == 2 and "labels" in batch
+
+    def network(input_ids, attention_mask, token_type_ids=None):
+        return SimpleNamespace(logits=torch.ones(input_ids.shape[0], 2, dtype=torch.float64))
+
+    out = head.logits(network, batch)
+    assert out.shape == (2, 2) and out.dtype == torch.float32
+    assert set(HEADS) == {"causal_lm", "multiple_choice", "sequence_classification"}
