@@ -1,24 +1,29 @@
-"""Run directories: train -> files -> load_run round trip, vanilla PEFT loading, end-to-end training."""
+"""blob_pyro.training on the tiny Llama and MiniLM with the data folder: train_run's run folder, load_run round trip,
+vanilla PEFT loading of the adapter, end-to-end training that learns.
 
+(Seeds, save_run's files and their round trip, evaluate, read_run_config on the tiny in-file network:
+tests/unit/test_training.py.)"""
+
+import dataclasses
 import json
 import math
 
 import pytest
 import torch
+from helpers import toy_examples
 from safetensors.torch import load_file
 
-from blob_pyro.config import TrainConfig
+from blob_pyro.config import RunConfig
 from blob_pyro.infer import fit
 from blob_pyro.predictive import predict
-from blob_pyro.runs import build, load_run, train_run
-from helpers import toy_examples
+from blob_pyro.training import build, load_run, train_run
 
 
 def _tiny_cfg(path, **kw):
     base = dict(model=str(path), dataset="winogrande_s", max_steps=6, batch_size=4, max_length=48, num_samples=3,
                 eval_batch_size=8, lr=5e-3, train_limit=16, eval_limit=12)
     base.update(kw)
-    return TrainConfig(**base)
+    return RunConfig.from_dict(base)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +47,8 @@ def test_run_directory_contents(tiny_run):
     assert [r["step"] for r in log] == list(range(1, 7))
     assert {"loss", "nll", "kl", "kl_weight", "lr", "seconds"} <= set(log[0])
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["config"]["bayesian_factor"] == "both" and "torch" in cfg["versions"]
+    assert cfg["config"]["bayes"]["bayesian_factor"] == "both" and "torch" in cfg["versions"]
+    assert cfg["config"]["bayes"]["guide"] == "blob"  # the resolved config: every method setting filled in
     post = load_file(str(out / "posterior.safetensors"))
     assert any(k.startswith("loc.") for k in post) and any(k.startswith("rho.") for k in post)
     # the adapter holds the LoRA factors only: lm_head is a target, but its frozen base weight is not copied in
@@ -89,9 +95,8 @@ def test_tiny_llama_learns_through_the_option_token_path(tiny_llama_dir):
     cfg = _tiny_cfg(tiny_llama_dir, max_steps=40, lr=1e-2, kl_schedule="standard", train_limit=None)
     run = build(cfg, with_data=False)
     examples = toy_examples(32, 2, seed=1)
-    run.model.num_data = len(examples)
-    log = fit(run.model, run.guide, examples, max_steps=40, batch_size=8, lr=1e-2, kl_schedule="standard",
-              progress=False, seed=0)
+    run.model.num_data = len(examples)  # build(with_data=False) cannot know N
+    log = fit(run.model, run.guide, examples, dataclasses.replace(run.config.fit, batch_size=8), progress=False)
     first = sum(r["nll"] for r in log[:5]) / 5
     last = sum(r["nll"] for r in log[-5:]) / 5
     assert last < first - 0.1
@@ -106,11 +111,11 @@ def test_minilm_training_nll_falls_on_winogrande_s(data_dir):
     (Early in BLoB's KL cycle the KL weight is tiny, so the data term drives the fit; later in the cycle
     the weight reaches 1/2 and pulls the posterior back toward the prior on so small a slice.)
     """
-    cfg = TrainConfig(model="minilm", dataset="winogrande_s", data_dir=str(data_dir), train_limit=16,
-                      max_length=64, batch_size=16, max_steps=24, lr=1e-2)
+    cfg = RunConfig.from_dict({"model": "minilm", "dataset": "winogrande_s", "data_dir": str(data_dir),
+                               "train_limit": 16, "max_length": 64, "batch_size": 16, "max_steps": 24, "lr": 1e-2})
     run = build(cfg, with_data=True)
-    log = fit(run.model, run.guide, run.train, max_steps=16, batch_size=16, lr=1e-2, kl_schedule="blob",
-              progress=False, seed=0)
+    assert run.model.num_data == 16  # build sets the plate size from the training split
+    log = fit(run.model, run.guide, run.train, dataclasses.replace(run.config.fit, max_steps=16), progress=False)
     first = sum(r["nll"] for r in log[:4]) / 4
     last = sum(r["nll"] for r in log[-4:]) / 4
     assert last < first - 0.1, (first, last)
