@@ -35,7 +35,7 @@ echo "device: $DEVICE   results: $OUT"
 echo
 echo "== 1. tiny Llama-style causal LM: train + evaluate, bf16 autocast, gradient checkpointing"
 "$PY" - "$DEVICE" "$OUT" "$STEPS" <<'EOF'
-import math, sys, time
+import dataclasses, math, sys, time
 from pathlib import Path
 
 import torch
@@ -44,29 +44,30 @@ from pyro import poutine
 sys.path.insert(0, "tests")
 from helpers import save_tiny_llama, toy_examples  # noqa: E402
 
-from blob_pyro.config import TrainConfig  # noqa: E402
-from blob_pyro.infer import Float64Latents, fit  # noqa: E402
+from blob_pyro.config import RunConfig  # noqa: E402
+from blob_pyro.infer import fit  # noqa: E402
 from blob_pyro.metrics import compute_metrics  # noqa: E402
+from blob_pyro.poutine import float64_latents  # noqa: E402
 from blob_pyro.predictive import predict  # noqa: E402
-from blob_pyro.runs import build  # noqa: E402
+from blob_pyro.training import autocast_dtype, build  # noqa: E402
 
 device, out, steps = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 path = save_tiny_llama(out / "tiny_llama")
-cfg = TrainConfig(model=str(path), dataset="winogrande_s", device=device, bf16=True, gradient_checkpointing=True,
-                  max_length=64, lr=1e-2, kl_schedule="standard", bayesian_factor="B")
+cfg = RunConfig.from_dict(dict(model=str(path), dataset="winogrande_s", device=device, bf16=True,
+                               gradient_checkpointing=True, max_length=64, lr=1e-2, kl_schedule="standard",
+                               bayesian_factor="B", max_steps=steps, batch_size=8, seed=0))
 run = build(cfg, with_data=False)
 train, test = toy_examples(64, 2, seed=1), toy_examples(32, 2, seed=2)
-run.model.num_data = len(train)
+run.model.num_data = len(train)  # fit checks the plate size against the data
 t0 = time.perf_counter()
-log = fit(run.model, run.guide, train, max_steps=steps, batch_size=8, lr=1e-2, kl_schedule="standard",
-          autocast_dtype=torch.bfloat16, progress=False, seed=0)
+log = fit(run.model, run.guide, train, run.config.fit, autocast_dtype=autocast_dtype(run.config), progress=False)
 train_s = time.perf_counter() - t0
 assert all(math.isfinite(r[k]) for r in log for k in ("loss", "nll", "kl")), "non-finite training record"
 first, last = sum(r["nll"] for r in log[:3]) / 3, sum(r["nll"] for r in log[-3:]) / 3
 print(f"trained {steps} steps in {train_s:.1f} s ({1000 * train_s / steps:.0f} ms/step): "
       f"nll {first:.3f} -> {last:.3f}, kl {log[-1]['kl']:.4g}")
 batch = run.model.head.collate(train[:4], next(run.model.network.parameters()).device)
-with Float64Latents(), torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
+with float64_latents(), torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
     gt = poutine.trace(run.guide).get_trace(batch)
 gt.compute_log_prob()
 dtypes = {str(s["log_prob"].dtype) for n, s in gt.nodes.items() if s["type"] == "sample" and not s["is_observed"]}
@@ -96,17 +97,18 @@ import math, sys, time
 import torch
 sys.path.insert(0, "benchmarks")
 from perf import synthetic_batch  # noqa: E402
-from blob_pyro.config import TrainConfig  # noqa: E402
-from blob_pyro.infer import make_stepper  # noqa: E402
-from blob_pyro.runs import build  # noqa: E402
+from blob_pyro.config import RunConfig  # noqa: E402
+from blob_pyro.infer import make_step  # noqa: E402
+from blob_pyro.training import build  # noqa: E402
 
 device = sys.argv[1]
 for bits in ("8bit", "4bit"):
-    cfg = TrainConfig(model="minilm", dataset="winogrande_s", head="sequence_classification", device=device,
-                      max_length=128, **{f"load_in_{bits}": True})
+    cfg = RunConfig.from_dict({"model": "minilm", "dataset": "winogrande_s", "head": "sequence_classification",
+                               "device": device, "max_length": 128, f"load_in_{bits}": True,
+                               "max_steps": 100, "lr": 1e-3})
     run = build(cfg, with_data=False)
     run.model.num_data = 640
-    stepper = make_stepper(run.model, run.guide, max_steps=100, lr=1e-3, autocast_dtype=torch.bfloat16)
+    stepper = make_step(run.model, run.guide, run.config.fit, autocast_dtype=torch.bfloat16)
     batch = synthetic_batch(16, 128, device)
     records = [stepper.step(batch, 1 / 640, 640) for _ in range(5)]
     torch.cuda.synchronize(); t0 = time.perf_counter()
