@@ -7,24 +7,34 @@ medians), so it holds on a shared, noisy machine::
     python benchmarks/perf.py --sections step,predict        # some sections (results merge into the same JSON)
     python benchmarks/perf.py --quick                        # smoke run in seconds (tiny sizes, 2 repeats)
     python benchmarks/perf.py --device cuda                  # on a GPU: torch.cuda.max_memory_allocated for memory
+    python benchmarks/perf.py --compare-src ../baseline      # this checkout against another one, interleaved
 
 Writes ``benchmarks/results/perf-<device>.json`` (every number, the command, versions) and
-``perf-<device>.md`` (the tables of benchmarks/README.md). A section run again replaces its own
-entry and keeps the others.
+``perf-<device>.md`` (the tables and the targets; ``benchmarks/results/perf.md`` reads them). A section run
+again replaces its own entry and keeps the others.
 
 Configurations (same backbone, synthetic fixed-length batch, LoRA r=8 on query/value):
 
 - ``lora_torch``  plain PEFT LoRA in pure PyTorch (no Pyro): forward, cross-entropy, backward, AdamW — the floor;
-- ``mle``         the same LoRA trained through blob_pyro (Pyro SVI, AutoDelta, KL weight 0): ``--method mle``;
+- ``mle``         the same LoRA trained through blob_pyro (Pyro's ELBO, AutoDelta, KL weight 0): ``--method mle``;
 - ``blob``        BLoB (Bayesian B factor, mean-field guide, Flipout signs per token, the default);
 - ``blob_seq``    BLoB with Flipout signs per sequence (``--flipout-per sequence``);
+- ``paper``       BLoB's paper preset (``--preset paper``: Bayesian A, AdamW on the NLL then SGD on the KL);
 - ``blob_torch``  BLoB's exact computation written in plain PyTorch (sampling, Flipout, closed-form KL, one
-  AdamW): ``blob`` minus this is the time spent in Pyro's machinery (traces, replay, param store,
-  per-parameter optimisers) and blob_pyro's bookkeeping.
+  AdamW): ``blob`` minus this is the time spent in Pyro's machinery (traces, replay, param store) and
+  blob_pyro's bookkeeping.
 
 Sections: ``step`` (step time), ``memory`` (peak memory; each configuration in a fresh subprocess),
-``predict`` (S=10 sequential and sample-batched vs one posterior-mean pass), ``overhead`` (Pyro's fixed
-cost per step at a tiny size), ``sweep`` (batch size, sequence length, number of LoRA layers).
+``predict`` (S=10 sequential and sample-batched vs one posterior-mean pass), ``overhead`` (the fixed cost
+per step at a tiny size, B=1 and T=16, of every configuration), ``layer`` (one Flipout layer), ``sweep``
+(batch size, sequence length, number of LoRA layers).
+
+``--compare-src DIR`` measures the ``step``, ``memory``, ``predict`` and ``overhead`` sections twice in one
+run: with this checkout's blob_pyro and with the one in DIR (another checkout or git worktree, e.g. the
+commit before a refactoring). Each side lives in its own worker process (``PYTHONPATH=<side>``) driven by
+this script; every round runs every configuration of both sides once, in a fresh random order, and the
+report gives each figure's new/old ratio (median and quartiles of the per-round ratio). It writes
+``perf-<device>-compare.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import dataclasses
 import gc
 import json
 import os
@@ -41,6 +52,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -48,17 +60,21 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+# the checkout whose blob_pyro is measured: this one, or (in a --compare-src worker) the one it names
+SRC = Path(os.environ.get("BLOB_PERF_SRC") or REPO).resolve()
+if str(SRC) not in sys.path:
+    sys.path.insert(0, str(SRC))
 
 import pyro  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 SECTIONS = ("step", "memory", "predict", "overhead", "layer", "sweep")
-SETUPS = ("lora_torch", "mle", "blob", "blob_seq", "blob_torch")
+COMPARE_SECTIONS = ("step", "memory", "predict", "overhead")
+SETUPS = ("lora_torch", "mle", "blob", "blob_seq", "paper", "blob_torch")
 STEP_SETUPS = ("lora_torch", "mle", "blob", "blob_seq")
 NUM_DATA = 640  # N for the likelihood scale and KL weight (WinoGrande-S size); does not change the cost
+CLOSE = 0.02  # --compare-src: a figure within 2 % of the other side's counts as unchanged
 
 
 # ---- Pyro param stores, one per configuration -----------------------------------------------------
@@ -118,30 +134,99 @@ def targets_for(num_layers: int | None, total: int = 6) -> list[str] | None:
     return [f"bert.encoder.layer.{i}.attention.self.{m}" for i in range(total - per, total) for m in ("query", "value")]
 
 
+# ---- the blob_pyro under test -----------------------------------------------------------------------
+# The only places that call blob_pyro's training API. --compare-src may point at a checkout from before the
+# restructure of 5cb28e0 (TrainConfig, make_stepper, blob_pyro.runs / .reparam, guides set up from a batch):
+# the `_OLD_API` branches drive that one, so both sides run this same harness. Drop them once no comparison
+# needs a checkout that old.
+def _old_api() -> bool:
+    import blob_pyro.config
+
+    return not hasattr(blob_pyro.config, "RunConfig")
+
+
+def _flipout_messenger():
+    if _old_api():
+        from blob_pyro.reparam import FlipoutMessenger
+    else:
+        from blob_pyro.poutine import FlipoutMessenger
+    return FlipoutMessenger
+
+
+def _build(settings: dict):
+    """The run (model, guide; no data) for flat ``settings``; ``run.config`` has the method and preset applied."""
+    if _old_api():
+        from blob_pyro.config import TrainConfig
+        from blob_pyro.runs import build
+
+        return build(TrainConfig(**settings), with_data=False)
+    from blob_pyro.config import RunConfig
+    from blob_pyro.training import build
+
+    return build(RunConfig.from_dict(settings), with_data=False)
+
+
+def _stepper(run, lr: float):
+    """The training step of ``run.config`` with AdamW at ``lr`` and a schedule too long to leave warm-up."""
+    if _old_api():
+        from blob_pyro.infer import make_stepper
+
+        c = run.config
+        return make_stepper(run.model, run.guide, max_steps=10**9, lr=lr, use_flipout=c.flipout,
+                            flipout_per=c.flipout_per, elbo=c.elbo, preset=c.preset, kl_lr=c.kl_lr)
+    from blob_pyro.infer import make_step
+
+    return make_step(run.model, run.guide, dataclasses.replace(run.config.fit, max_steps=10**9, lr=lr))
+
+
+def _register_parameters(model, guide) -> None:
+    """Every parameter of the model and guide in Pyro's param store, outside any timed region."""
+    if _old_api():
+        with torch.no_grad():
+            guide(model.example_batch())
+        return
+    from blob_pyro.optim import register_parameters
+
+    register_parameters(model, guide)
+
+
+def library_info() -> dict:
+    """Which blob_pyro this process measures: its folder, version and git commit."""
+    import blob_pyro
+
+    folder = Path(blob_pyro.__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True,
+                                timeout=5).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=folder, capture_output=True,
+                                    text=True, timeout=5).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    return {"blob_pyro": str(folder), "version": getattr(blob_pyro, "__version__", None), "git_commit": commit,
+            "uncommitted_changes": dirty, "api": "TrainConfig (old)" if _old_api() else "RunConfig",
+            "torch": torch.__version__, "pyro": pyro.__version__}
+
+
 def build_setup(kind: str, *, model: str, seq_len: int, device: str, lora_layers: int | None = None,
                 lr: float = 1e-4, seed: int = 0) -> Setup:
-    from blob_pyro.config import TrainConfig
-    from blob_pyro.infer import make_stepper
-    from blob_pyro.runs import build
-
     torch.manual_seed(seed)
     if kind == "lora_torch":
         return _lora_torch(model, seq_len, device, lora_layers, lr)
-    method = "mle" if kind == "mle" else "blob"
-    cfg = TrainConfig(model=model, dataset="winogrande_s", head="sequence_classification", method=method,
-                      max_length=seq_len, device=device, target_modules=targets_for(lora_layers),
-                      flipout_per="sequence" if kind == "blob_seq" else "token", seed=seed)
+    settings = dict(model=model, dataset="winogrande_s", head="sequence_classification",
+                    method="mle" if kind == "mle" else "blob", max_length=seq_len, device=device,
+                    target_modules=targets_for(lora_layers), flipout_per="sequence" if kind == "blob_seq" else "token",
+                    seed=seed)
+    if kind == "paper":
+        settings["preset"] = "paper"
     slot = StoreSlot()
     with slot.active():
-        run = build(cfg, with_data=False)
+        run = _build(settings)
         run.model.num_data = NUM_DATA
-        cfg = run.config
         run.model.network.eval()
         if kind == "blob_torch":
-            step = _blob_torch_step(run.model, run.guide, lr, cfg.flipout_per)
+            step = _blob_torch_step(run.model, run.guide, lr, settings["flipout_per"])
         else:
-            stepper = make_stepper(run.model, run.guide, max_steps=10**9, lr=lr, use_flipout=cfg.flipout,
-                                   flipout_per=cfg.flipout_per, elbo=cfg.elbo)
+            stepper = _stepper(run, lr)
             weight = 0.0 if kind == "mle" else 1.0 / NUM_DATA
 
             def step(batch):
@@ -176,10 +261,9 @@ def _blob_torch_step(model, guide, lr: float, per: str):
     """BLoB's step without Pyro: draw, Flipout, NLL + KL/N, backward, one AdamW over every parameter."""
     from blob_pyro.guides import deep_getattr
     from blob_pyro.lora import bind_values
-    from blob_pyro.reparam import FlipoutMessenger
 
-    with torch.no_grad():
-        guide(model.example_batch())  # registers the guide's parameters
+    FlipoutMessenger = _flipout_messenger()
+    _register_parameters(model, guide)
     locs = {s.name: deep_getattr(guide.loc, s.name).unconstrained() for s in model.sites}
     rhos = {s.name: deep_getattr(guide.rho, s.name).unconstrained() for s in model.sites}
     net_params = [p for p in model.network.parameters() if p.requires_grad]
@@ -239,7 +323,8 @@ def interleave(fns: dict, *, repeats: int, warmup: int, device, seed: int = 0) -
     """Run every function ``warmup`` times, then ``repeats`` rounds in a fresh random order each round.
 
     Returns seconds per call by the clock in ``CLOCK`` (CPU time on a shared CPU: time spent waiting for a
-    core that another process holds is not counted); both clocks are kept in ``interleave.last``.
+    core that another process holds is not counted); both clocks are kept in ``interleave.last``. A function
+    with a ``timed()`` method (:class:`RemoteFn`) is timed by that method: where it runs.
     """
     rng = random.Random(seed)
     for _ in range(warmup):
@@ -251,7 +336,8 @@ def interleave(fns: dict, *, repeats: int, warmup: int, device, seed: int = 0) -
         order = list(fns)
         rng.shuffle(order)
         for name in order:
-            w, c = timed(fns[name], device)
+            fn = fns[name]
+            w, c = fn.timed() if hasattr(fn, "timed") else timed(fn, device)
             wall[name].append(w)
             cpu[name].append(c)
     interleave.last = {"wall_ms": {k: [1000 * t for t in v] for k, v in wall.items()},
@@ -336,11 +422,15 @@ def memory_child(args) -> dict:
     return out
 
 
-def run_memory_child(kind: str, args, seq_len: int, lora_layers=None) -> dict:
-    # the child must import what this process imports: the repo first, then any PYTHONPATH the caller set
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536",  # big blocks go back to the OS when freed
-               OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONPATH=path)
+def _env_for(src: Path) -> dict:
+    """The environment of a child measuring the blob_pyro in ``src``: that checkout first on the path, then any
+    PYTHONPATH the caller set (packages unpacked into a folder, as on the GPU machine)."""
+    path = os.pathsep.join(p for p in (str(src), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, BLOB_PERF_SRC=str(src), PYTHONPATH=path, OMP_NUM_THREADS=str(torch.get_num_threads()))
+
+
+def run_memory_child(kind: str, args, seq_len: int, lora_layers=None, src: Path = SRC) -> dict:
+    env = dict(_env_for(src), MALLOC_MMAP_THRESHOLD_="65536")  # big blocks go back to the OS when freed
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child-memory", kind, "--seq-len", str(seq_len),
            "--batch", str(args.batch), "--device", args.device, "--model", args.model]
     if lora_layers is not None:
@@ -351,16 +441,74 @@ def run_memory_child(kind: str, args, seq_len: int, lora_layers=None) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# ---- what the timed sections run: name -> function, built where the library under test is --------------
+def step_fns(args, seq_len: int) -> dict:
+    setups = {k: build_setup(k, model=args.model, seq_len=seq_len, device=args.device) for k in STEP_SETUPS}
+    batch = synthetic_batch(args.batch, seq_len, args.device)
+    return {k: (lambda s=s: s.step(batch)) for k, s in setups.items()}
+
+
+def predict_fns(args, seq_len: int) -> dict:
+    from blob_pyro.predictive import posterior_logits
+
+    blob = build_setup("blob", model=args.model, seq_len=seq_len, device=args.device)
+    lora = build_setup("lora_torch", model=args.model, seq_len=seq_len, device=args.device)
+    net = lora.modules[0]
+    batch = synthetic_batch(args.batch, seq_len, args.device)
+    s = args.num_samples
+
+    def post(**kw):  # Flipout as the model says (per token): the default of both library versions
+        with blob.context():
+            posterior_logits(blob.model, blob.guide, batch, **kw)
+
+    def lora_forward():
+        with torch.no_grad():
+            net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                token_type_ids=batch["token_type_ids"])
+
+    return {"lora_forward": lora_forward, "mean": lambda: post(num_samples=0),
+            "sequential": lambda: post(num_samples=s), "batched": lambda: post(num_samples=s, sample_batched=True)}
+
+
+OVERHEAD_SIZE = (1, 16)  # B, T: the network costs almost nothing
+
+
+def overhead_fns(args) -> dict:
+    batch_size, seq_len = OVERHEAD_SIZE
+    setups = {k: build_setup(k, model=args.model, seq_len=seq_len, device=args.device) for k in SETUPS}
+    batch = synthetic_batch(batch_size, seq_len, args.device)
+    return {k: (lambda s=s: s.step(batch)) for k, s in setups.items()}
+
+
+FNS = {"step": step_fns, "predict": predict_fns, "overhead": overhead_fns}
+
+
+class Local:
+    """Sections measured in this process, with the blob_pyro it imports."""
+
+    side = None
+    src = SRC
+
+    def __init__(self, args):
+        self.args = args
+
+    def measure(self, what: str, params: dict, *, repeats: int, warmup: int) -> tuple[dict, dict]:
+        """(seconds per call by the chosen clock, both clocks in ms) of ``FNS[what](args, **params)``."""
+        fns = FNS[what](self.args, **params)
+        times = interleave(fns, repeats=repeats, warmup=warmup, device=self.args.device)
+        clocks = interleave.last
+        del fns
+        gc.collect()
+        return times, clocks
+
+
 # ---- sections -----------------------------------------------------------------------------------------
-def section_step(args, log) -> dict:
+def section_step(args, log, ctx) -> dict:
     out = {}
     for seq_len in args.seq_lens:
-        setups = {k: build_setup(k, model=args.model, seq_len=seq_len, device=args.device) for k in STEP_SETUPS}
-        batch = synthetic_batch(args.batch, seq_len, args.device)
-        fns = {k: (lambda s=s: s.step(batch)) for k, s in setups.items()}
-        times = interleave(fns, repeats=args.repeats, warmup=args.warmup, device=args.device)
+        times, clocks = ctx.measure("step", {"seq_len": seq_len}, repeats=args.repeats, warmup=args.warmup)
         ms = {k: med_ms(v) for k, v in times.items()}
-        row = {"batch": args.batch, "seq_len": seq_len, "median_ms": ms, "clock": CLOCK["name"], **interleave.last,
+        row = {"batch": args.batch, "seq_len": seq_len, "median_ms": ms, "clock": CLOCK["name"], **clocks,
                "paired": {f"{a}/{b}": paired(times, a, b) for a, b in (
                    ("blob", "mle"), ("blob", "lora_torch"), ("blob_seq", "mle"), ("mle", "lora_torch"))}}
         row["blob_over_mle"] = row["paired"]["blob/mle"]["median"]
@@ -368,16 +516,14 @@ def section_step(args, log) -> dict:
         out[str(seq_len)] = row
         log(f"step T={seq_len}: " + ", ".join(f"{k} {v:.0f} ms" for k, v in ms.items())
             + f"; blob/mle {row['blob_over_mle']:.3f}, blob/lora_torch {row['blob_over_lora_torch']:.3f}")
-        del setups
-        gc.collect()
     return out
 
 
-def section_memory(args, log) -> dict:
+def section_memory(args, log, ctx) -> dict:
     out = {}
     for seq_len in args.seq_lens:
-        rows = {k: run_memory_child(k, args, seq_len) for k in ("lora_torch", "mle", "blob", "blob_seq")}
-        for k, r in rows.items():
+        rows = {k: run_memory_child(k, args, seq_len, src=ctx.src) for k in ("lora_torch", "mle", "blob", "blob_seq")}
+        for r in rows.values():
             r["peak_over_mle"] = r["peak_mb"] / rows["mle"]["peak_mb"]
             r["step_over_mle"] = r["step_mb"] / rows["mle"]["step_mb"] if rows["mle"]["step_mb"] > 0 else None
             r["saved_over_mle"] = r["saved_for_backward_mb"] / rows["mle"]["saved_for_backward_mb"]
@@ -387,54 +533,35 @@ def section_memory(args, log) -> dict:
     return out
 
 
-def section_predict(args, log) -> dict:
-    from blob_pyro.predictive import posterior_logits
-
-    seq_len = args.seq_lens[0]
-    blob = build_setup("blob", model=args.model, seq_len=seq_len, device=args.device)
-    lora = build_setup("lora_torch", model=args.model, seq_len=seq_len, device=args.device)
-    net = lora.modules[0]
-    batch = synthetic_batch(args.batch, seq_len, args.device)
-    s = args.num_samples
-
-    def post(**kw):
-        with blob.context():
-            posterior_logits(blob.model, blob.guide, batch, **kw)
-
-    def lora_forward():
-        with torch.no_grad():
-            net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                token_type_ids=batch["token_type_ids"])
-
-    fns = {"lora_forward": lora_forward, "mean": lambda: post(num_samples=0),
-           "sequential": lambda: post(num_samples=s), "batched": lambda: post(num_samples=s, sample_batched=True)}
-    times = interleave(fns, repeats=args.repeats, warmup=args.warmup, device=args.device)
+def section_predict(args, log, ctx) -> dict:
+    seq_len, s = args.seq_lens[0], args.num_samples
+    times, clocks = ctx.measure("predict", {"seq_len": seq_len}, repeats=args.repeats, warmup=args.warmup)
     ms = {k: med_ms(v) for k, v in times.items()}
     pairs = {f"{a}/{b}": paired(times, a, b) for a, b in (("sequential", "mean"), ("batched", "mean"),
                                                             ("sequential", "batched"), ("mean", "lora_forward"))}
     out = {"batch": args.batch, "seq_len": seq_len, "num_samples": s, "median_ms": ms, "clock": CLOCK["name"],
-           **interleave.last, "paired": pairs,
-           "sequential_over_mean": pairs["sequential/mean"]["median"], "batched_over_mean": pairs["batched/mean"]["median"],
-           "batched_speedup": pairs["sequential/batched"]["median"], "mean_over_lora_forward": pairs["mean/lora_forward"]["median"]}
+           **clocks, "paired": pairs,
+           "sequential_over_mean": pairs["sequential/mean"]["median"],
+           "batched_over_mean": pairs["batched/mean"]["median"],
+           "batched_speedup": pairs["sequential/batched"]["median"],
+           "mean_over_lora_forward": pairs["mean/lora_forward"]["median"]}
     log(f"predict T={seq_len}: " + ", ".join(f"{k} {v:.0f} ms" for k, v in ms.items())
         + f"; S={s} sequential/mean {out['sequential_over_mean']:.2f}, batched/mean {out['batched_over_mean']:.2f}")
     return out
 
 
-def section_overhead(args, log) -> dict:
-    """Pyro's fixed cost per step where the network costs almost nothing (B=1, T=16)."""
-    batch_size, seq_len = 1, 16
-    setups = {k: build_setup(k, model=args.model, seq_len=seq_len, device=args.device) for k in SETUPS}
-    batch = synthetic_batch(batch_size, seq_len, args.device)
-    fns = {k: (lambda s=s: s.step(batch)) for k, s in setups.items()}
-    times = interleave(fns, repeats=max(args.repeats, 7), warmup=args.warmup, device=args.device)
+def section_overhead(args, log, ctx) -> dict:
+    """The fixed cost per step of every configuration where the network costs almost nothing (B=1, T=16)."""
+    batch_size, seq_len = OVERHEAD_SIZE
+    times, clocks = ctx.measure("overhead", {}, repeats=max(args.repeats, 7), warmup=args.warmup)
     ms = {k: med_ms(v) for k, v in times.items()}
+
     def diff(a, b):  # per round, a and b ran seconds apart
         return 1000 * statistics.median(x - y for x, y in zip(times[a], times[b]))
 
-    out = {"batch": batch_size, "seq_len": seq_len, "median_ms": ms, "clock": CLOCK["name"], **interleave.last,
+    out = {"batch": batch_size, "seq_len": seq_len, "median_ms": ms, "clock": CLOCK["name"], **clocks,
            "pyro_ms_blob": diff("blob", "blob_torch"), "pyro_ms_mle": diff("mle", "lora_torch")}
-    log(f"overhead B=1 T=16: " + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items()))
+    log(f"overhead B={batch_size} T={seq_len}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items()))
     return out
 
 
@@ -453,7 +580,42 @@ def _flipout_where(x, weight, loc, per="token"):
     return F.linear(x, loc) + flip(F.linear(flip(x, in_shape), delta), out_shape)
 
 
-def section_layer(args, log) -> dict:
+def _layer_fns(batch: int, seq_len: int, factor: str, device) -> tuple[dict, torch.Tensor]:
+    """The four variants of one layer (see :func:`section_layer`) and their input x."""
+    from blob_pyro.poutine import FlipoutMessenger, flipout_linear
+
+    hidden, rank, scaling = 384, 8, 2.0
+    torch.manual_seed(0)
+    x = torch.randn(batch, seq_len, hidden, device=device, requires_grad=True)
+    grad = torch.randn(batch, seq_len, hidden, device=device)
+    a = torch.nn.Parameter(torch.randn(rank, hidden, device=device) / hidden**0.5)
+    b = torch.nn.Parameter(torch.randn(hidden, rank, device=device) * 0.01)
+    rho = torch.nn.Parameter(torch.full((hidden, rank) if factor == "B" else (rank, hidden), 0.05, device=device))
+
+    def lora():
+        y = F.linear(F.linear(x, a), b) * scaling
+        y.backward(grad)
+
+    def blob(per="token", where=False):
+        handler = FlipoutMessenger(per)
+        with handler:
+            loc = b if factor == "B" else a
+            value = loc + rho.square() * torch.randn_like(loc)
+            handler.register(value, loc)
+            if where:
+                lin = lambda inp, w: _flipout_where(inp, w, loc, per)  # noqa: E731
+            else:
+                lin = flipout_linear
+            if factor == "B":
+                y = lin(F.linear(x, a), value) * scaling
+            else:
+                y = F.linear(lin(x, value), b) * scaling
+            y.backward(grad)
+
+    return {"lora": lora, "blob": blob, "blob_seq": lambda: blob("sequence"), "blob_where": lambda: blob(where=True)}, x
+
+
+def section_layer(args, log, ctx) -> dict:
     """BLoB's extra work in one LoRA layer, isolated: many fast interleaved repeats, so it is precise where
     whole steps (seconds each, on a shared machine) are not.
 
@@ -464,51 +626,20 @@ def section_layer(args, log) -> dict:
     reference. Factor ``B`` is blob_pyro's default, ``A`` the paper's. Also the bytes autograd keeps for
     backward (x itself excluded: every variant keeps it).
     """
-    from blob_pyro.reparam import FlipoutMessenger, flipout_linear
-
-    hidden, rank, scaling = 384, 8, 2.0
     out = {}
     for seq_len in args.seq_lens:
         for factor in ("B", "A"):
-            torch.manual_seed(0)
-            dev = args.device
-            x = torch.randn(args.batch, seq_len, hidden, device=dev, requires_grad=True)
-            grad = torch.randn(args.batch, seq_len, hidden, device=dev)
-            a = torch.nn.Parameter(torch.randn(rank, hidden, device=dev) / hidden**0.5)
-            b = torch.nn.Parameter(torch.randn(hidden, rank, device=dev) * 0.01)
-            rho = torch.nn.Parameter(torch.full((hidden, rank) if factor == "B" else (rank, hidden), 0.05, device=dev))
-
-            def lora():
-                y = F.linear(F.linear(x, a), b) * scaling
-                y.backward(grad)
-
-            def blob(per="token", where=False):
-                handler = FlipoutMessenger(per)
-                with handler:
-                    loc = b if factor == "B" else a
-                    value = loc + rho.square() * torch.randn_like(loc)
-                    handler.register(value, loc)
-                    if where:
-                        lin = lambda inp, w: _flipout_where(inp, w, loc, per)  # noqa: E731
-                    else:
-                        lin = flipout_linear
-                    if factor == "B":
-                        y = lin(F.linear(x, a), value) * scaling
-                    else:
-                        y = F.linear(lin(x, value), b) * scaling
-                    y.backward(grad)
-
-            fns = {"lora": lora, "blob": blob, "blob_seq": lambda: blob("sequence"),
-                   "blob_where": lambda: blob(where=True)}
-            times = interleave(fns, repeats=max(30, args.repeats), warmup=3, device=dev)
+            fns, x = _layer_fns(args.batch, seq_len, factor, args.device)
+            times = interleave(fns, repeats=max(30, args.repeats), warmup=3, device=args.device)
             ms = {k: med_ms(v) for k, v in times.items()}
             saved = {}
+            x_ptr = x.untyped_storage().data_ptr()
             for k, fn in fns.items():
                 seen = {}
 
-                def pack(t, seen=seen):
+                def pack(t, seen=seen, x_ptr=x_ptr):
                     ptr = t.untyped_storage().data_ptr()
-                    if ptr != x.untyped_storage().data_ptr():
+                    if ptr != x_ptr:
                         seen[ptr] = t.untyped_storage().nbytes()
                     return t
 
@@ -516,14 +647,16 @@ def section_layer(args, log) -> dict:
                     fn()
                 saved[k] = sum(seen.values()) / 2**20
             row = {"batch": args.batch, "seq_len": seq_len, "factor": factor, "median_ms": ms, "clock": CLOCK["name"],
-                   "saved_mb": saved, "paired": {f"{k}/lora": paired(times, k, "lora") for k in ("blob", "blob_seq", "blob_where")},
+                   "saved_mb": saved,
+                   "paired": {f"{k}/lora": paired(times, k, "lora") for k in ("blob", "blob_seq", "blob_where")},
                    "extra_ms_per_layer": ms["blob"] - ms["lora"], "extra_ms_per_layer_seq": ms["blob_seq"] - ms["lora"]}
             out[f"{seq_len}-{factor}"] = row
-            log(f"layer T={seq_len} factor {factor}: " + ", ".join(f"{k} {v:.2f} ms / {saved[k]:.2f} MB" for k, v in ms.items()))
+            log(f"layer T={seq_len} factor {factor}: "
+                + ", ".join(f"{k} {v:.2f} ms / {saved[k]:.2f} MB" for k, v in ms.items()))
     return out
 
 
-def section_sweep(args, log) -> dict:
+def section_sweep(args, log, ctx) -> dict:
     base = dict(batch=args.sweep_base[0], seq_len=args.sweep_base[1], lora_layers=12)
     points = [dict(base)]
     points += [dict(base, batch=b) for b in args.sweep_batches if b != base["batch"]]
@@ -541,7 +674,7 @@ def section_sweep(args, log) -> dict:
                           for k in ("lora_torch", "mle", "blob")}
         setups = cache[key]
         batch = synthetic_batch(p["batch"], p["seq_len"], args.device)
-        fns = {k: (lambda s=s: s.step(batch)) for k, s in setups.items()}
+        fns = {k: (lambda s=s, batch=batch: s.step(batch)) for k, s in setups.items()}
         times = interleave(fns, repeats=args.sweep_repeats, warmup=1, device=args.device)
         ms = {k: med_ms(v) for k, v in times.items()}
         saved = {k: saved_for_backward_bytes(s, batch) / 2**20 for k, s in setups.items()}
@@ -552,6 +685,245 @@ def section_sweep(args, log) -> dict:
         log(f"sweep {p}: blob/mle {row['blob_over_mle']:.3f}, blob/lora {row['blob_over_lora_torch']:.3f}, "
             f"saved blob/mle {row['saved_blob_over_mle']:.3f}")
     return {"rows": rows}
+
+
+# ---- --compare-src: two checkouts, one run ------------------------------------------------------------------
+def worker_main(args) -> int:
+    """``--worker``: build and time the functions of ``FNS`` on request, one JSON line in, one out.
+
+    Requests: ``{"op": "info"}``, ``{"op": "prepare", "what": ..., "params": {...}}`` (replaces the previous
+    functions), ``{"op": "call", "name": ...}`` (-> ``{"wall", "cpu"}`` seconds of that one call, measured
+    here), ``{"op": "release"}``. Replies carry ``"error"`` instead when a request failed.
+    """
+    proto = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # whatever the libraries print goes to stderr
+    fns: dict = {}
+    for line in sys.stdin:
+        msg = json.loads(line)
+        try:
+            if msg["op"] == "info":
+                reply = library_info()
+            elif msg["op"] == "prepare":
+                fns.clear()
+                gc.collect()
+                fns.update(FNS[msg["what"]](args, **msg["params"]))
+                reply = {"names": list(fns)}
+            elif msg["op"] == "call":
+                wall, cpu = timed(fns[msg["name"]], args.device)
+                reply = {"wall": wall, "cpu": cpu}
+            elif msg["op"] == "release":
+                fns.clear()
+                gc.collect()
+                reply = {}
+            else:
+                reply = {"error": f"unknown request {msg['op']!r}"}
+        except Exception:  # report it to the driver, which stops with the traceback
+            reply = {"error": traceback.format_exc(limit=8)}
+        proto.write(json.dumps(reply) + "\n")
+    return 0
+
+
+class Worker:
+    """A ``perf.py --worker`` process measuring the blob_pyro of checkout ``src``."""
+
+    def __init__(self, side: str, src: Path, argv: list[str]):
+        self.side, self.src = side, src
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv, "--worker"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+                                     env=_env_for(src))
+        self.info = self.request(op="info")
+
+    def request(self, **msg) -> dict:
+        self.proc.stdin.write(json.dumps(msg) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {self.side} worker ({self.src}) exited with code {self.proc.wait()}; "
+                               f"its stderr is above")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"the {self.side} worker ({self.src}) failed:\n{reply['error']}")
+        return reply
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+
+
+class RemoteFn:
+    """One function of a worker; :func:`interleave` times it with :meth:`timed` (measured in the worker)."""
+
+    def __init__(self, worker: Worker, name: str):
+        self.worker, self.name = worker, name
+
+    def __call__(self):
+        self.worker.request(op="call", name=self.name)
+
+    def timed(self) -> tuple[float, float]:
+        reply = self.worker.request(op="call", name=self.name)
+        return reply["wall"], reply["cpu"]
+
+
+class Comparison:
+    """Both sides' functions in one :func:`interleave` per measurement; every section runs once per side.
+
+    The first side's pass measures both sides (interleaved) and keeps the other side's share, which the
+    second pass reads back in the same order: sections stay ordinary single-side code.
+    """
+
+    SIDES = ("new", "old")
+
+    def __init__(self, args, argv: list[str], srcs: dict[str, Path]):
+        self.args, self.srcs = args, srcs
+        self.workers: dict[str, Worker] = {}
+        try:
+            for side in self.SIDES:
+                self.workers[side] = Worker(side, srcs[side], argv)
+        except BaseException:
+            self.close()
+            raise
+        self.kept: list[tuple[dict, dict]] = []
+        self.timing: list[dict] = []  # one row per measurement and configuration: new/old
+
+    def close(self):
+        for w in self.workers.values():
+            w.close()
+
+    def side(self, side: str) -> ComparisonSide:
+        return ComparisonSide(self, side)
+
+    def measure_both(self, what: str, params: dict, *, repeats: int, warmup: int) -> tuple[dict, dict]:
+        names = {side: w.request(op="prepare", what=what, params=params)["names"] for side, w in self.workers.items()}
+        if names["new"] != names["old"]:
+            raise RuntimeError(f"{what}: the two sides run different configurations: {names}")
+        fns = {f"{side}:{n}": RemoteFn(self.workers[side], n) for side in self.SIDES for n in names[side]}
+        times = interleave(fns, repeats=repeats, warmup=warmup, device=self.args.device)
+        clocks = interleave.last
+        for w in self.workers.values():
+            w.request(op="release")
+        batch, seq_len = OVERHEAD_SIZE if what == "overhead" else (self.args.batch, params["seq_len"])
+        for n in names["new"]:
+            self.timing.append({"section": what, "batch": batch, "seq_len": seq_len, "configuration": n,
+                                "new_ms": med_ms(times[f"new:{n}"]), "old_ms": med_ms(times[f"old:{n}"]),
+                                "new/old": paired(times, f"new:{n}", f"old:{n}")})
+        split = {}
+        for side in self.SIDES:
+            def mine(d, side=side):
+                return {k.split(":", 1)[1]: v for k, v in d.items() if k.startswith(side + ":")}
+            split[side] = (mine(times), {clock: mine(v) for clock, v in clocks.items()})
+        self.kept.append(split["old"])
+        return split["new"]
+
+
+class ComparisonSide:
+    """What a section sees of a :class:`Comparison`: ``measure`` and the checkout for memory children."""
+
+    def __init__(self, comparison: Comparison, side: str):
+        self.comparison, self.side, self.src = comparison, side, comparison.srcs[side]
+
+    def measure(self, what: str, params: dict, *, repeats: int, warmup: int) -> tuple[dict, dict]:
+        if self.side == "new":
+            return self.comparison.measure_both(what, params, repeats=repeats, warmup=warmup)
+        return self.comparison.kept.pop(0)
+
+
+def memory_comparison(new: dict, old: dict) -> list[dict]:
+    rows = []
+    for t, configs in new.items():
+        if t.startswith("_"):  # _seconds
+            continue
+        for k, r in configs.items():
+            o = old[t][k]
+            rows.append({"seq_len": int(t), "configuration": k,
+                         **{f"{f}_new": r[f] for f in ("peak_mb", "step_mb", "saved_for_backward_mb")},
+                         **{f"{f}_old": o[f] for f in ("peak_mb", "step_mb", "saved_for_backward_mb")},
+                         **{f"{f}_new/old": r[f] / o[f] if o[f] else None
+                            for f in ("peak_mb", "step_mb", "saved_for_backward_mb")}})
+    return rows
+
+
+def compare_markdown(results: dict) -> str:
+    src = results["sources"]
+    lines = ["# perf.py --compare-src: this checkout (new) against another (old)", ""]
+    for side in ("new", "old"):
+        i = src[side]
+        dirty = " (with uncommitted changes)" if i.get("uncommitted_changes") else ""
+        lines.append(f"- **{side}**: `{i['blob_pyro']}`, commit {i.get('git_commit')}{dirty}, API {i['api']}, "
+                     f"torch {i['torch']}, pyro {i['pyro']}")
+    meta = results["meta"]
+    clock = {"cpu": "process CPU time", "wall": "wall-clock time"}.get(meta.get("clock"), "?")
+    lines += ["", f"Device: {meta.get('device_name', '?')}; {meta.get('threads')} thread(s); times are {clock} of "
+              f"each side's worker; every round runs every configuration of both sides once in a fresh random "
+              f"order; new/old is the median [quartiles] of the per-round ratio; 'within' means within "
+              f"{100 * CLOSE:.0f} %.", "", f"Command: `{meta.get('command')}`", ""]
+    timing = results["comparison"].get("timing", [])
+    if timing:
+        lines += ["**Time** (median ms)", "", "| section | size | configuration | new | old | new / old | within |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in timing:
+            p = r["new/old"]
+            lines.append(f"| {r['section']} | B={r['batch']}, T={r['seq_len']} | {r['configuration']} | "
+                         f"{r['new_ms']:.1f} | {r['old_ms']:.1f} | {p['median']:.3f} [{p['q1']:.2f}–{p['q3']:.2f}] | "
+                         f"{'yes' if abs(p['median'] - 1) <= CLOSE else '**no**'} |")
+        lines.append("")
+    over = {s: results[s].get("overhead") for s in ("new", "old")}
+    if over["new"] and over["old"]:
+        lines += ["**Pyro + bookkeeping per step** (B=1, T=16; median of per-round differences, ms)", "",
+                  "| | new | old |", "|---|---|---|",
+                  f"| blob − blob_torch | {over['new']['pyro_ms_blob']:.1f} | {over['old']['pyro_ms_blob']:.1f} |",
+                  f"| mle − lora_torch | {over['new']['pyro_ms_mle']:.1f} | {over['old']['pyro_ms_mle']:.1f} |", ""]
+    memory = results["comparison"].get("memory", [])
+    if memory:
+        lines += ["**Memory** (MB; each configuration and side in a fresh process)", "",
+                  "| T | configuration | peak new / old | step new / old | saved new / old | peak | step | saved | within |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in memory:
+            ratios = [r[f"{f}_new/old"] for f in ("peak_mb", "step_mb", "saved_for_backward_mb")]
+            ok = all(x is not None and abs(x - 1) <= CLOSE for x in ratios)
+            lines.append(f"| {r['seq_len']} | {r['configuration']} | {r['peak_mb_new']:.0f} / {r['peak_mb_old']:.0f} | "
+                         f"{r['step_mb_new']:.0f} / {r['step_mb_old']:.0f} | {r['saved_for_backward_mb_new']:.1f} / "
+                         f"{r['saved_for_backward_mb_old']:.1f} | "
+                         + " | ".join("–" if x is None else f"{x:.3f}" for x in ratios)
+                         + f" | {'yes' if ok else '**no**'} |")
+        lines.append("")
+    for side in ("new", "old"):
+        body = markdown(dict(results[side], meta=meta))
+        lines += [f"## {side}", "", body.split("\n", 2)[2] if body.startswith("Device:") else body]
+    return "\n".join(lines) + "\n"
+
+
+def run_comparison(args, argv: list[str], sections: list[str], out_dir: Path, dev: str, log) -> int:
+    srcs = {"new": SRC, "old": Path(args.compare_src).resolve()}
+    if not (srcs["old"] / "blob_pyro" / "__init__.py").is_file():
+        raise SystemExit(f"perf.py: error: --compare-src {args.compare_src} holds no blob_pyro/ package")
+    suffix = "-quick" if args.quick else ""
+    json_path, md_path = out_dir / f"perf-{dev}{suffix}-compare.json", out_dir / f"perf-{dev}{suffix}-compare.md"
+    results = {"meta": meta_for(args, argv), "new": {}, "old": {}, "comparison": {}}
+    comparison = Comparison(args, argv, srcs)
+    try:
+        results["sources"] = {side: w.info for side, w in comparison.workers.items()}
+        for side in ("new", "old"):
+            log(f"{side}: {results['sources'][side]['blob_pyro']} (commit {results['sources'][side]['git_commit']})")
+        for section in sections:
+            for side in Comparison.SIDES:  # "new" measures both sides; "old" reads its share
+                t_section = time.perf_counter()
+                results[side][section] = RUNNERS[section](args, lambda m, s=side: log(f"{s}: {m}"),
+                                                          comparison.side(side))
+                results[side][section]["_seconds"] = time.perf_counter() - t_section
+            json_path.write_text(json.dumps(results, indent=1) + "\n")
+    finally:
+        comparison.close()
+    results["comparison"]["timing"] = comparison.timing
+    if "memory" in sections:
+        results["comparison"]["memory"] = memory_comparison(results["new"]["memory"], results["old"]["memory"])
+    results["meta"]["loadavg_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    json_path.write_text(json.dumps(results, indent=1) + "\n")
+    md_path.write_text(compare_markdown({k: ({kk: {x: y for x, y in vv.items() if not x.startswith("_")}
+                                              for kk, vv in v.items()} if k in ("new", "old") else v)
+                                         for k, v in results.items()}))
+    print(md_path.read_text())
+    return 0
 
 
 # ---- report ---------------------------------------------------------------------------------------------
@@ -598,7 +970,7 @@ def markdown(results: dict) -> str:
                   "| B | T | Bayesian factor | LoRA | blob (per token) | blob (per sequence) | blob, previous `where` | "
                   "saved: LoRA / blob / blob-seq / previous | blob extra × 12 layers, share of the LoRA (PyTorch) step |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        for key, r in layer.items():
+        for r in layer.values():
             m, sv, t = r["median_ms"], r["saved_mb"], str(r["seq_len"])
             share = ""
             if step and t in step:
@@ -622,24 +994,29 @@ def markdown(results: dict) -> str:
         lines.append("")
     if pred:
         m = pred["median_ms"]
-        lines += [f"**Prediction** (B={pred['batch']}, T={pred['seq_len']}, median ms; ratios are medians of per-round ratios)", "",
+        lines += [f"**Prediction** (B={pred['batch']}, T={pred['seq_len']}, median ms; ratios are medians of per-round "
+                  f"ratios)", "",
                   f"| plain LoRA forward | posterior mean (S=0) | S={pred['num_samples']} sequential | "
-                  f"S={pred['num_samples']} sample-batched | sequential / mean | batched / mean | batched speed-up over sequential |",
+                  f"S={pred['num_samples']} sample-batched | sequential / mean | batched / mean | "
+                  f"batched speed-up over sequential |",
                   "|---|---|---|---|---|---|---|",
                   f"| {m['lora_forward']:.0f} | {m['mean']:.0f} | {m['sequential']:.0f} | {m['batched']:.0f} | "
                   f"{pred['sequential_over_mean']:.2f} | {pred['batched_over_mean']:.2f} | {pred['batched_speedup']:.2f}× |", ""]
     if over:
         m = over["median_ms"]
+        paper = "paper" in m  # measured since the restructure of 5cb28e0
         lines += [f"**Fixed per-step cost** (B={over['batch']}, T={over['seq_len']}: the network costs almost nothing; "
                   f"median ms; the last two columns are medians of per-round differences)", "",
-                  "| LoRA (PyTorch) | mle (Pyro) | blob | blob (plain PyTorch twin) | Pyro + bookkeeping, blob | "
-                  "Pyro + bookkeeping, mle |",
-                  "|---|---|---|---|---|---|",
-                  f"| {m['lora_torch']:.1f} | {m['mle']:.1f} | {m['blob']:.1f} | {m['blob_torch']:.1f} | "
-                  f"{over['pyro_ms_blob']:.1f} | {over['pyro_ms_mle']:.1f} |", ""]
+                  "| LoRA (PyTorch) | mle (Pyro) | blob | " + ("paper preset | " if paper else "")
+                  + "blob (plain PyTorch twin) | Pyro + bookkeeping, blob | Pyro + bookkeeping, mle |",
+                  "|---|---|---|---|---|---|" + ("---|" if paper else ""),
+                  f"| {m['lora_torch']:.1f} | {m['mle']:.1f} | {m['blob']:.1f} | "
+                  + (f"{m['paper']:.1f} | " if paper else "")
+                  + f"{m['blob_torch']:.1f} | {over['pyro_ms_blob']:.1f} | {over['pyro_ms_mle']:.1f} |", ""]
     if sweep:
         lines += ["**Sweep** (median ms per step; saved-for-backward MB)", "",
-                  "| B | T | LoRA layers | LoRA (PyTorch) | mle | blob | blob/mle | blob/LoRA | saved mle | saved blob | saved blob/mle |",
+                  "| B | T | LoRA layers | LoRA (PyTorch) | mle | blob | blob/mle | blob/LoRA | saved mle | saved blob | "
+                  "saved blob/mle |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sweep["rows"]:
             m, sv = r["median_ms"], r["saved_mb"]
@@ -678,9 +1055,25 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+RUNNERS = {"step": section_step, "memory": section_memory, "predict": section_predict,
+           "overhead": section_overhead, "layer": section_layer, "sweep": section_sweep}
+
+
+def meta_for(args, argv) -> dict:
+    dev = torch.device(args.device).type
+    name = (torch.cuda.get_device_name() if dev == "cuda"
+            else f"CPU ({os.cpu_count()} cores visible, {platform.processor() or platform.machine()})")
+    return {"device": args.device, "device_name": name, "torch": torch.__version__, "pyro": pyro.__version__,
+            "clock": args.clock, "threads": torch.get_num_threads(), "model": args.model,
+            "python": platform.python_version(), "command": "python benchmarks/perf.py " + " ".join(argv),
+            "loadavg_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {', '.join(SECTIONS)}")
+    p.add_argument("--sections", help=f"comma-separated, from {', '.join(SECTIONS)} (default: all; with --compare-src: "
+                                      f"{', '.join(COMPARE_SECTIONS)})")
     p.add_argument("--model", default="minilm")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=16)
@@ -699,6 +1092,10 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes and 2 repeats: checks the script, not the numbers")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--report-only", action="store_true", help="rewrite the markdown from the JSON, measure nothing")
+    p.add_argument("--compare-src", metavar="DIR",
+                   help=f"also measure the blob_pyro of checkout DIR, interleaved with this one's, and report new/old "
+                        f"ratios (sections {', '.join(COMPARE_SECTIONS)}; default: all four)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--child-memory", choices=SETUPS, help=argparse.SUPPRESS)
     p.add_argument("--seq-len", type=int, help=argparse.SUPPRESS)
     p.add_argument("--lora-layers", type=int, help=argparse.SUPPRESS)
@@ -708,10 +1105,15 @@ def main(argv=None) -> int:
     if args.clock == "auto":
         args.clock = "cpu" if torch.device(args.device).type == "cpu" and torch.get_num_threads() == 1 else "wall"
     CLOCK["name"] = args.clock
-    import transformers
+    try:
+        from blob_pyro.cli import quiet_library_logs
+    except ImportError:  # a checkout from before 5cb28e0 (a --compare-src worker)
+        import transformers
 
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    else:
+        quiet_library_logs()  # before PEFT (and bitsandbytes) is imported
     if args.child_memory:
         print(json.dumps(memory_child(args)))
         return 0
@@ -719,13 +1121,25 @@ def main(argv=None) -> int:
         args.batch, args.seq_lens, args.repeats, args.warmup, args.num_samples = 2, [16], 2, 1, 3
         args.sweep_base, args.sweep_batches, args.sweep_seq_lens, args.sweep_layers = [2, 16], [2], [16], [2, 12]
         args.sweep_repeats = 1
-    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    if args.worker:
+        return worker_main(args)
+    default_sections = ",".join(COMPARE_SECTIONS if args.compare_src else SECTIONS)
+    sections = [s.strip() for s in (args.sections or default_sections).split(",") if s.strip()]
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         p.error(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
+    if args.compare_src and [s for s in sections if s not in COMPARE_SECTIONS]:
+        p.error(f"--compare-src compares the sections {', '.join(COMPARE_SECTIONS)}; got {', '.join(sections)}")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = torch.device(args.device).type
+    t_start = time.perf_counter()
+
+    def log(msg):
+        print(f"[{time.perf_counter() - t_start:6.0f}s] {msg}", flush=True)
+
+    if args.compare_src:
+        return run_comparison(args, argv, sections, out_dir, dev, log)
     suffix = "-quick" if args.quick else ""
     json_path, md_path = out_dir / f"perf-{dev}{suffix}.json", out_dir / f"perf-{dev}{suffix}.md"
     results = json.loads(json_path.read_text()) if json_path.is_file() else {}
@@ -733,22 +1147,11 @@ def main(argv=None) -> int:
         md_path.write_text(_report(results))
         print(md_path.read_text())
         return 0
-    name = torch.cuda.get_device_name() if dev == "cuda" else f"CPU ({os.cpu_count()} cores visible, {platform.processor() or platform.machine()})"
-    results["meta"] = {"device": args.device, "device_name": name, "torch": torch.__version__, "pyro": pyro.__version__,
-                       "clock": args.clock,
-                       "threads": torch.get_num_threads(), "model": args.model, "python": platform.python_version(),
-                       "command": "python benchmarks/perf.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                       "loadavg_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
-    t_start = time.perf_counter()
-
-    def log(msg):
-        print(f"[{time.perf_counter() - t_start:6.0f}s] {msg}", flush=True)
-
-    runners = {"step": section_step, "memory": section_memory, "predict": section_predict,
-               "overhead": section_overhead, "layer": section_layer, "sweep": section_sweep}
+    results["meta"] = dict(meta_for(args, argv), library=library_info())
+    ctx = Local(args)
     for section in sections:
         t_section = time.perf_counter()
-        results[section] = runners[section](args, log)
+        results[section] = RUNNERS[section](args, log, ctx)
         results[section]["_seconds"] = time.perf_counter() - t_section
         results[section]["_command"] = results["meta"]["command"]
         json_path.write_text(json.dumps(results, indent=1) + "\n")

@@ -1,0 +1,128 @@
+"""benchmarks/perf.py and scripts/gpu_check.sh run end to end at tiny sizes: the code paths, not the numbers."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import types
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PERF = REPO / "benchmarks" / "perf.py"
+BEFORE_RESTRUCTURE = "dc2f5b6"  # the last commit with TrainConfig / make_stepper (perf.py's _old_api branches)
+
+
+def _load_perf():
+    spec = importlib.util.spec_from_file_location("perf_under_test", PERF)
+    perf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(perf)
+    return perf
+
+
+def _perf(tmp_path, *args, timeout=600):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH="")
+    proc = subprocess.run([sys.executable, str(PERF), "--threads", "1", "--out", str(tmp_path), *args], env=env,
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_gpu_check_script_logic_on_cpu(tmp_path):
+    """scripts/gpu_check.sh with DEVICE=cpu: the bf16 tiny-Llama train + evaluate check and the perf sections."""
+    env = dict(os.environ, DEVICE="cpu", PYTHON=sys.executable, OUT=str(tmp_path), OMP_NUM_THREADS="1")
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh")], env=env, capture_output=True, text=True,
+                          timeout=400, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = proc.stdout
+    assert "latent log-density dtype under bf16 autocast: ['torch.float64']" in out
+    assert "check 1: ok" in out and "gpu_check: all checks passed (cpu)" in out
+    data = json.loads((tmp_path / "perf" / "perf-cpu.json").read_text())
+    assert set(data["step"]["32"]["median_ms"]) == {"lora_torch", "mle", "blob", "blob_seq"}
+    assert data["memory"]["32"]["blob"]["kind"] == "rss" and data["memory"]["32"]["blob"]["peak_mb"] > 0
+    assert data["predict"]["sequential_over_mean"] > 1  # four draws cost more than one mean pass
+    md = (tmp_path / "perf" / "perf-cpu.md").read_text()
+    assert "**Training step**" in md and "**Targets**" in md
+
+
+@pytest.mark.parametrize("inherited", [None, "/opt/extra-site"])
+def test_perf_memory_child_keeps_the_callers_pythonpath(monkeypatch, inherited):
+    """The memory children must import what the parent imports: packages a caller put on PYTHONPATH (wheels
+    unpacked into a folder, as on the GPU machine where this failed) come after the repo, not instead of it."""
+    perf = _load_perf()
+    if inherited is None:
+        monkeypatch.delenv("PYTHONPATH", raising=False)
+    else:
+        monkeypatch.setenv("PYTHONPATH", inherited)
+    seen = {}
+
+    def fake_run(cmd, env, **kwargs):
+        seen["env"] = env
+        return subprocess.CompletedProcess(cmd, 0, stdout='{"kind": "rss", "peak_mb": 1.0}\n', stderr="")
+
+    monkeypatch.setattr(perf.subprocess, "run", fake_run)
+    out = perf.run_memory_child("mle", types.SimpleNamespace(batch=2, device="cpu", model="minilm"), 32)
+    assert out == {"kind": "rss", "peak_mb": 1.0}
+    expected = [str(REPO)] + ([inherited] if inherited else [])
+    assert seen["env"]["PYTHONPATH"].split(os.pathsep) == expected
+    # a --compare-src side: that checkout first, and the child is told which one it measures
+    perf.run_memory_child("mle", types.SimpleNamespace(batch=2, device="cpu", model="minilm"), 32, src=Path("/x/old"))
+    assert seen["env"]["PYTHONPATH"].split(os.pathsep)[0] == "/x/old" and seen["env"]["BLOB_PERF_SRC"] == "/x/old"
+
+
+def test_overhead_section_measures_every_configuration_including_the_paper_preset(tmp_path):
+    _perf(tmp_path, "--quick", "--sections", "overhead")
+    data = json.loads((tmp_path / "perf-cpu-quick.json").read_text())
+    over = data["overhead"]
+    assert (over["batch"], over["seq_len"]) == (1, 16)
+    assert set(over["median_ms"]) == {"lora_torch", "mle", "blob", "blob_seq", "paper", "blob_torch"}
+    assert all(v > 0 for v in over["median_ms"].values())
+    md = (tmp_path / "perf-cpu-quick.md").read_text()
+    assert "**Fixed per-step cost**" in md and "paper preset" in md
+
+
+def test_compare_mode_against_the_same_checkout(tmp_path):
+    """--compare-src with this checkout on both sides: the workers, the interleaving and the report."""
+    out = _perf(tmp_path, "--quick", "--sections", "overhead", "--compare-src", str(REPO))
+    data = json.loads((tmp_path / "perf-cpu-quick-compare.json").read_text())
+    assert data["sources"]["new"] == data["sources"]["old"]
+    rows = {r["configuration"]: r for r in data["comparison"]["timing"]}
+    assert set(rows) == {"lora_torch", "mle", "blob", "blob_seq", "paper", "blob_torch"}
+    assert all(r["section"] == "overhead" and r["new/old"]["n"] == 7 for r in rows.values())
+    # each side ran 7 rounds of its own: the same numbers as a plain run reports them
+    assert data["new"]["overhead"]["median_ms"]["paper"] == pytest.approx(rows["paper"]["new_ms"])
+    assert data["old"]["overhead"]["median_ms"]["paper"] == pytest.approx(rows["paper"]["old_ms"])
+    assert len(data["old"]["overhead"]["cpu_ms"]["blob"]) == 7
+    md = (tmp_path / "perf-cpu-quick-compare.md").read_text()
+    assert "| overhead | B=1, T=16 | paper |" in md and "## new" in md and "## old" in md
+    assert "new / old" in out
+
+
+def test_compare_mode_drives_a_checkout_from_before_the_restructure(tmp_path):
+    """The issue's comparison: every section against blob_pyro as of commit dc2f5b6 (TrainConfig, make_stepper)."""
+    archive = tmp_path / "old.tar"
+    proc = subprocess.run(["git", "archive", "-o", str(archive), BEFORE_RESTRUCTURE, "blob_pyro"], cwd=REPO,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"commit {BEFORE_RESTRUCTURE} is not in this clone's history: {proc.stderr.strip()[:200]}")
+    old = tmp_path / "old"
+    with tarfile.open(archive) as tar:
+        tar.extractall(old, filter="data")
+    _perf(tmp_path, "--quick", "--compare-src", str(old))
+    data = json.loads((tmp_path / "perf-cpu-quick-compare.json").read_text())
+    assert data["sources"]["new"]["blob_pyro"] == str(REPO / "blob_pyro")
+    assert data["sources"]["old"]["blob_pyro"] == str(old.resolve() / "blob_pyro")
+    assert (data["sources"]["new"]["api"], data["sources"]["old"]["api"]) == ("RunConfig", "TrainConfig (old)")
+    timing = {(r["section"], r["configuration"]) for r in data["comparison"]["timing"]}
+    assert timing == ({("step", k) for k in ("lora_torch", "mle", "blob", "blob_seq")}
+                      | {("predict", k) for k in ("lora_forward", "mean", "sequential", "batched")}
+                      | {("overhead", k) for k in ("lora_torch", "mle", "blob", "blob_seq", "paper", "blob_torch")})
+    memory = {(r["seq_len"], r["configuration"]) for r in data["comparison"]["memory"]}
+    assert memory == {(16, k) for k in ("lora_torch", "mle", "blob", "blob_seq")}
+    for side in ("new", "old"):  # each side's own figures, as a plain run reports them
+        assert {k for k in data[side]} == {"step", "memory", "predict", "overhead"}
+    md = (tmp_path / "perf-cpu-quick-compare.md").read_text()
+    assert "| step | B=2, T=16 | blob |" in md and "**Memory**" in md
