@@ -1,4 +1,5 @@
-"""`bench merge`: one table from results.csv files written in several output folders (e.g. on other machines)."""
+"""`python -m benchmarks.runner merge`: one table from results.csv files written in several output folders (e.g. on
+other machines), committed ones included."""
 
 import csv
 import json
@@ -6,7 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from blob_pyro import bench
+from benchmarks.runner.cli import main
+from benchmarks.runner.report import CSV_COLUMNS
+
+REPO = Path(__file__).resolve().parents[2]
 
 GRID = {"name": "g", "base": {"model": "minilm", "max_steps": 2, "batch_size": 4},
         "methods": ["mle", "blob"], "datasets": ["winogrande_s", "arc_easy"], "seeds": [1, 2]}
@@ -23,7 +27,7 @@ def _row(method, dataset, seed, acc, entry=None):
 def _csv(path: Path, rows) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=bench.CSV_COLUMNS)
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         w.writeheader()
         w.writerows(rows)
     return path
@@ -49,7 +53,7 @@ def test_merge_adds_rows_in_grid_order_and_renders_the_table(grid_file, tmp_path
     other = _csv(tmp_path / "other.csv", [_row("blob_mean", "winogrande_s", 2, 0.45), _row("blob", "winogrande_s", 2, 0.4),
                                           _row("mle", "arc_easy", 2, 0.3), _row("mle", "winogrande_s", 2, 0.7),
                                           _row("mle", "winogrande_s", 1, 0.5)])  # a repeat, equal: kept once
-    assert bench.main(["merge", str(grid_file), "--out", str(out), "--from", str(other)]) == 0
+    assert main(["merge", str(grid_file), "--out", str(out), "--from", str(other)]) == 0
     rows = _read(out / "g" / "results.csv")
     assert rows == [("winogrande_s", "1", "mle", "0.5"), ("winogrande_s", "1", "blob", "0.6"),
                     ("winogrande_s", "1", "blob_mean", "0.55"), ("winogrande_s", "2", "mle", "0.7"),
@@ -67,7 +71,7 @@ def test_merge_refuses_a_row_that_differs_and_writes_nothing(grid_file, tmp_path
     mine = _csv(out / "g" / "results.csv", [_row("mle", "winogrande_s", 1, 0.5)])
     before = mine.read_bytes()
     other = _csv(tmp_path / "other.csv", [_row("mle", "arc_easy", 1, 0.3), _row("mle", "winogrande_s", 1, 0.49)])
-    assert bench.main(["merge", str(grid_file), "--out", str(out), "--from", str(other)]) == 1
+    assert main(["merge", str(grid_file), "--out", str(out), "--from", str(other)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "mle/mle/winogrande_s/winogrande_s/1 differs" in err[0] and "accuracy 0.5 vs 0.49" in err[0]
     assert mine.read_bytes() == before and not (out / "g" / "results.md").exists()
@@ -87,7 +91,40 @@ def test_merge_bad_input_is_one_line_and_nonzero(grid_file, tmp_path, capsys, ca
         src = tmp_path / "notes.csv"
         src.write_text("a,b\n1,2\n")
         want = "is not a results.csv of this runner"
-    assert bench.main(["merge", str(grid_file), "--out", str(tmp_path / "out"), "--from", str(src)]) == 1
+    assert main(["merge", str(grid_file), "--out", str(tmp_path / "out"), "--from", str(src)]) == 2
     err = capsys.readouterr().err
     assert want in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "out" / "g" / "results.csv").exists()
+
+
+# each committed results.csv, with the grid file and settings its README says produced it
+COMMITTED = [
+    ("cpu", "bench_cpu.json", []),
+    ("cpu_ablations", "ablations_cpu.json", []),
+    ("cpu_ood", "ood_cpu.json", []),
+    ("cpu_long", "long_budget_cpu.json", []),
+    ("cpu_long_arcc_fp32", "long_budget_cpu.json", ["--set", "bf16=false", "--datasets", "arc_challenge"]),
+    ("cpu_long_wg_fp32", "long_budget_cpu.json", ["--set", "bf16=false", "--datasets", "winogrande_s"]),
+    ("cpu_ood_long_fp32", "ood_long_cpu.json", ["--set", "bf16=false"]),
+]
+
+
+def test_every_committed_results_csv_has_its_grid():
+    assert sorted(d for d, _, _ in COMMITTED) == sorted(p.parent.name for p in (REPO / "benchmarks" / "results").glob(
+        "*/results.csv"))
+
+
+@pytest.mark.parametrize("folder, grid, extra", COMMITTED, ids=[c[0] for c in COMMITTED])
+def test_committed_results_merge_into_their_grid_unchanged(tmp_path, folder, grid, extra):
+    """The committed tables stay readable: merged into their grid they give the same rows and metrics."""
+    src = REPO / "benchmarks" / "results" / folder / "results.csv"
+    assert main(["merge", str(REPO / "configs" / grid), "--out", str(tmp_path), "--from", str(src), *extra]) == 0
+    merged = next(tmp_path.glob("*/results.csv"))
+    key = lambda r: (r["entry"], r["method"], r["dataset"], r["eval_dataset"], r["seed"])  # noqa: E731
+    with open(src, newline="") as f:
+        before = {key(r): r for r in csv.DictReader(f)}
+    with open(merged, newline="") as f:
+        after = {key(r): r for r in csv.DictReader(f)}
+    assert after.keys() == before.keys()
+    for k, r in before.items():
+        assert {c: after[k][c] for c in CSV_COLUMNS} == {c: r[c] for c in CSV_COLUMNS}, k

@@ -1,4 +1,5 @@
-"""The benchmark runner end to end on tiny settings: files it writes, resuming, refusals, OOD, failures."""
+"""The benchmark grid runner (benchmarks/runner) end to end on tiny settings: files it writes, resuming, refusals,
+OOD, failures, ensembles, and that a cell trains what train_run trains."""
 
 import csv
 import json
@@ -8,9 +9,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from blob_pyro import bench
+from benchmarks.runner import cells as runner_cells
+from benchmarks.runner.cells import ensemble_average, run_cell
+from benchmarks.runner.cli import main
+from benchmarks.runner.files import PREDICTIONS, check_finished
+from benchmarks.runner.grid import Entry, Grid, cells_of, load_grid
+from benchmarks.runner.report import CSV_COLUMNS, markdown_table, targets_markdown
+from benchmarks.runner.run import run_grid
 
-pytestmark = pytest.mark.data
+REPO = Path(__file__).resolve().parents[2]
 
 TINY = {"model": "minilm", "max_steps": 2, "batch_size": 4, "train_limit": 8, "eval_limit": 6, "max_length": 32,
         "num_samples": 2, "eval_batch_size": 8}
@@ -25,7 +32,7 @@ def _grid_file(tmp_path: Path, **kw) -> Path:
 
 
 def _run(config, out, data_dir, *extra):
-    return bench.main(["run", str(config), "--out", str(out), "--data-dir", str(data_dir), "--quiet", *extra])
+    return main(["run", str(config), "--out", str(out), "--data-dir", str(data_dir), "--quiet", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +43,14 @@ def smoke(tmp_path_factory, data_dir):
     return config, tmp / "out", data_dir
 
 
+@pytest.mark.data
 def test_runner_writes_results_table_and_plots(smoke):
     _, out, _ = smoke
     report = out / "smoke"
     with open(report / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["method"] for r in rows] == ["mle", "blob", "blob_mean"]
-    assert set(bench.CSV_COLUMNS) <= set(rows[0])
+    assert set(CSV_COLUMNS) <= set(rows[0])
     for r in rows:
         assert (r["dataset"], r["eval_dataset"], r["seed"], r["num_examples"]) == ("winogrande_s", "winogrande_s", "1", "6")
         for key in ("accuracy", "ece", "nll", "brier", "train_seconds", "eval_seconds"):
@@ -60,26 +68,28 @@ def test_runner_writes_results_table_and_plots(smoke):
         png = report / "plots" / name
         assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG", name
     run = out / "runs" / "winogrande_s" / "blob" / "seed1"
-    for name in ("config.json", "metrics.json", "train_log.jsonl", "posterior.safetensors", bench.PREDICTIONS,
+    for name in ("config.json", "metrics.json", "train_log.jsonl", "posterior.safetensors", PREDICTIONS,
                  "adapter/adapter_config.json"):
         assert (run / name).is_file(), name
     assert json.loads((report / "grid.json").read_text())["seeds"] == [1]
     # mean confidence: the mean top-label probability of each row's saved predictions, also in the markdown
-    saved = load_file(str(run / bench.PREDICTIONS))
+    saved = load_file(str(run / PREDICTIONS))
     for r in rows[1:]:
         expected = saved[f"{r['method']}.probs"].max(-1).values.mean().item()
         assert abs(float(r["confidence"]) - expected) < 1e-6
     assert "## Mean confidence (%)" in md and f"| blob | {100 * float(rows[1]['confidence']):.2f} (1 seed) |" in md
 
 
+@pytest.mark.data
 def test_second_invocation_skips_finished_cells_and_redoes_a_half_done_one(smoke, monkeypatch, capsys):
     config, out, data_dir = smoke
     blob = out / "runs" / "winogrande_s" / "blob" / "seed1"
     (blob / "metrics.json").unlink()  # as if killed after training, before the end of the cell
     before = (out / "runs" / "winogrande_s" / "mle" / "seed1" / "metrics.json").stat().st_mtime_ns
     trained = []
-    real = bench.train_member
-    monkeypatch.setattr(bench, "train_member", lambda cfg, d, rows, **kw: trained.append(cfg.method) or real(cfg, d, rows, **kw))
+    real = runner_cells.train_member
+    monkeypatch.setattr(runner_cells, "train_member",
+                        lambda cfg, d, rows, **kw: trained.append(cfg.method) or real(cfg, d, rows, **kw))
     assert _run(config, out, data_dir) == 0
     assert trained == ["blob"]
     err = capsys.readouterr().err
@@ -91,6 +101,30 @@ def test_second_invocation_skips_finished_cells_and_redoes_a_half_done_one(smoke
     assert "[2/2] blob | winogrande_s | seed 1: finished earlier, skipped" in capsys.readouterr().err
 
 
+@pytest.mark.data
+def test_a_run_folder_with_a_flat_config_json_is_still_finished(smoke, capsys):
+    """Folders the runner wrote before the nested RunConfig hold flat config.json files: still recognised."""
+    config, out, data_dir = smoke
+    path = out / "runs" / "winogrande_s" / "mle" / "seed1" / "config.json"
+    nested = path.read_text()
+    stored = json.loads(nested)
+    flat = {}
+    for key, value in stored["config"].items():
+        flat.update(value if isinstance(value, dict) else {key: value})
+    for key in ("objective", "num_particles"):  # settings the old TrainConfig did not have
+        flat.pop(key)
+    path.write_text(json.dumps({"config": flat, "versions": stored["versions"]}))
+    try:
+        assert _run(config, out, data_dir) == 0
+        assert "[1/2] mle | winogrande_s | seed 1: finished earlier, skipped" in capsys.readouterr().err
+        path.write_text(json.dumps({"config": {**flat, "lr": 0.5}}))
+        assert _run(config, out, data_dir) == 2
+        assert "lr: 0.5 -> " in capsys.readouterr().err
+    finally:
+        path.write_text(nested)
+
+
+@pytest.mark.data
 def test_a_narrowed_run_reports_every_finished_cell_of_the_grid(smoke, capsys):
     # a grid run in pieces (one process per --methods pick, as the benchmark notes do) keeps one whole table
     config, out, data_dir = smoke
@@ -108,54 +142,84 @@ def test_a_narrowed_run_reports_every_finished_cell_of_the_grid(smoke, capsys):
     assert meta["versions"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert not [p.name for p in report.iterdir() if p.name.startswith(".")]  # no temporary files left behind
     # `report` with a pick is a deliberate narrowing and stays one
-    assert bench.main(["report", str(config), "--out", str(out), "--data-dir", str(data_dir), "--methods", "mle"]) == 0
+    assert main(["report", str(config), "--out", str(out), "--data-dir", str(data_dir), "--methods", "mle"]) == 0
     with open(report / "results.csv") as f:
         assert [r["method"] for r in csv.DictReader(f)] == ["mle"]
     assert _run(config, out, data_dir) == 0  # back to the whole table for the tests that follow
 
 
+@pytest.mark.data
 def test_finished_cell_with_other_settings_is_refused(smoke, capsys):
     config, out, data_dir = smoke
-    assert _run(config, out, data_dir, "--set", "max_steps=3") == 1
+    assert _run(config, out, data_dir, "--set", "max_steps=3") == 2  # a user's mistake: one line, exit 2
     err = capsys.readouterr().err
     assert "mle | winogrande_s | seed 1" in err and "max_steps: 2 -> 3" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+@pytest.mark.data
 def test_a_failing_cell_is_named(tmp_path, data_dir, capsys):
     config = _grid_file(tmp_path, methods=["mle"],
                         variants=[{"name": "broken", "method": "blob", "overrides": {"target_modules": ["no_such_layer"]}}])
-    assert _run(config, tmp_path / "out", data_dir, "--methods", "broken") == 1
+    assert _run(config, tmp_path / "out", data_dir, "--methods", "broken") == 2  # the library refused a setting
     err = capsys.readouterr().err
-    assert "cell broken | winogrande_s | seed 1 failed" in err and "no_such_layer" in err
+    assert "cell broken | winogrande_s | seed 1 failed" in err and "no_such_layer" in err and "Traceback" not in err
 
 
+@pytest.mark.data
+def test_a_cell_failing_for_another_reason_shows_its_traceback_and_exits_1(tmp_path, data_dir, capsys, monkeypatch):
+    def crash(*args, **kwargs):
+        raise RuntimeError("something broke inside")
+
+    monkeypatch.setattr(runner_cells, "train_member", crash)
+    config = _grid_file(tmp_path, methods=["mle", "blob"])
+    assert _run(config, tmp_path / "out", data_dir, "--keep-going") == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "something broke inside" in err
+    assert err.strip().splitlines()[-1].endswith(
+        "2 cell(s) failed: mle | winogrande_s | seed 1 (RuntimeError: something broke inside); "
+        "blob | winogrande_s | seed 1 (RuntimeError: something broke inside)")
+
+
+@pytest.mark.data
 def test_grid_file_mistakes_are_one_line_errors(tmp_path, data_dir, capsys):
-    assert _run(_grid_file(tmp_path, methods=["mle", "blobb"]), tmp_path / "o", data_dir) == 1
-    assert "method must be one of" in capsys.readouterr().err
-    assert _run(_grid_file(tmp_path, base={**TINY, "prior_scael": 0.1}), tmp_path / "o", data_dir) == 1
-    assert "did you mean 'prior_scale'" in capsys.readouterr().err
-    assert _run(_grid_file(tmp_path, seedz=[1]), tmp_path / "o", data_dir) == 1
-    assert "unknown key 'seedz'" in capsys.readouterr().err
+    def one_line(code):
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        return err
+
+    assert "method must be one of" in one_line(_run(_grid_file(tmp_path, methods=["mle", "blobb"]), tmp_path / "o",
+                                                    data_dir))
+    assert "did you mean 'prior_scale'" in one_line(_run(_grid_file(tmp_path, base={**TINY, "prior_scael": 0.1}),
+                                                         tmp_path / "o", data_dir))
+    assert "unknown key 'seedz'" in one_line(_run(_grid_file(tmp_path, seedz=[1]), tmp_path / "o", data_dir))
+    # a method refuses an explicit setting that contradicts it, naming the cell before anything runs
+    err = one_line(_run(_grid_file(tmp_path, variants=[{"name": "mle_lowrank", "method": "mle",
+                                                        "overrides": {"guide": "lowrank"}}]), tmp_path / "o", data_dir))
+    assert "mle_lowrank | winogrande_s | seed 1" in err and "method=mle implies guide=auto_delta" in err
+    assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.data
 def test_variants_and_extra_prediction_rows(tmp_path, data_dir, monkeypatch):
-    grid = bench.load_grid(_grid_file(tmp_path, methods=[], variants=[
+    grid = load_grid(_grid_file(tmp_path, methods=[], variants=[
         {"name": "blob_A", "method": "blob", "overrides": {"bayesian_factor": "A", "elbo": "meanfield"},
          "predict": {"blob_A_N1": 1, "blob_A_N3": 3}}]), data_dir=str(data_dir), output_dir=tmp_path / "out")
-    cell = bench.cells_of(grid)[0]
+    cell = cells_of(grid)[0]
     cfg = cell.member_configs(grid.base)[0]
-    assert (cfg.bayesian_factor, cfg.elbo, cfg.method) == ("A", "meanfield", "blob")
-    rows = bench.run_grid(grid, progress=False)
+    assert (cfg.bayes.bayesian_factor, cfg.fit.elbo, cfg.method) == ("A", "meanfield", "blob")
+    rows = run_grid(grid, progress=False)
     assert [(r["method"], r["num_samples"]) for r in rows] == [("blob_A_N1", 1), ("blob_A_N3", 3)]
     # another grid asks the same trained run for one more row: predicted from the saved run, no training
     grid.entries[0].predict = {"blob_A_N1": 1, "blob_A_mean": 0}
-    monkeypatch.setattr(bench, "train_member", lambda *a, **k: pytest.fail("a finished run was retrained"))
-    rows = bench.run_grid(grid, progress=False)
+    monkeypatch.setattr(runner_cells, "train_member", lambda *a, **k: pytest.fail("a finished run was retrained"))
+    rows = run_grid(grid, progress=False)
     assert [(r["method"], r["num_samples"]) for r in rows] == [("blob_A_N1", 1), ("blob_A_mean", 0)]
     saved = json.loads((cell.dir / "metrics.json").read_text())["bench"]["rows"]
     assert set(saved) == {"blob_A_N1", "blob_A_N3", "blob_A_mean"}
 
 
+@pytest.mark.data
 def test_ood_grid_evaluates_the_same_runs_elsewhere_and_skips_missing_mmlu(tmp_path, data_dir, capsys,
                                                                           monkeypatch):
     if (Path(data_dir) / "mmlu").is_dir():
@@ -191,6 +255,7 @@ def test_ood_grid_evaluates_the_same_runs_elsewhere_and_skips_missing_mmlu(tmp_p
     assert titles["reliability_openbookqa__ensemble.png"].startswith("ensemble on openbookqa (")
 
 
+@pytest.mark.data
 def test_ood_grid_evaluates_a_local_mmlu_subject(tmp_path, data_dir):
     """With cais/mmlu CSVs under mmlu/, the OpenBookQA run is scored there too: its own column, JSON and rows."""
     root = tmp_path / "data"
@@ -226,7 +291,7 @@ def test_targets_table_reads_the_seed_means():
     rows = [row("mle", 1, 0.70, 0.20, 0.9), row("mle", 2, 0.72, 0.10, 0.8),       # ECE mean 0.15
             row("blob", 1, 0.70, 0.06, 0.7), row("blob", 2, 0.70, 0.08, 0.7),     # 0.07 <= 0.075; acc -1.0 pt
             row("blob_mean", 1, 0.71, 0.10, 0.75), row("blob_mean", 2, 0.71, 0.12, 0.75)]
-    lines = bench.targets_markdown(rows)
+    lines = targets_markdown(rows)
     assert lines[0] == "## Targets (seed means)" and len(lines) == 6
     cells = [c.strip() for c in lines[4].split("|")[1:-1]]
     assert cells[0] == "d" and cells[1] == "7.00 / 15.00 = 0.47" and cells[2] == "yes"
@@ -234,11 +299,11 @@ def test_targets_table_reads_the_seed_means():
     assert cells[5] == "-0.1500" and cells[6] == "yes"
     assert cells[7] == "15.00 > 11.00 > 7.00: yes"
     rows[2]["ece"] = 0.09  # blob ECE mean 0.085: more than half of 0.15
-    cells = [c.strip() for c in bench.targets_markdown(rows)[4].split("|")[1:-1]]
+    cells = [c.strip() for c in targets_markdown(rows)[4].split("|")[1:-1]]
     assert cells[1] == "8.50 / 15.00 = 0.57" and cells[2] == "**no**"
-    assert bench.targets_markdown([r for r in rows if r["method"] != "blob_mean"]) == []
+    assert targets_markdown([r for r in rows if r["method"] != "blob_mean"]) == []
     # a half-done grid: blob's seed 3 has no mle / blob_mean partner, so it stays out of the means and is named
-    lines = bench.targets_markdown(rows + [row("blob", 3, 0.10, 0.90, 9.0)])
+    lines = targets_markdown(rows + [row("blob", 3, 0.10, 0.90, 9.0)])
     cells = [c.strip() for c in lines[4].split("|")[1:-1]]
     assert cells[1] == "8.50 / 15.00 = 0.57" and cells[3] == "-1.00"
     assert "- d: seeds 1, 2 (those all three rows have); left out: 3." in lines
@@ -250,18 +315,19 @@ def test_markdown_table_marks_cells_with_fewer_seeds():
 
     rows = [row("mle", 1, 0.5), row("mle", 2, 0.6), row("mle", 3, 0.7), row("blob", 1, 0.4), row("blob", 2, 0.6),
             row("map", 1, 0.55)]
-    lines = bench.markdown_table(rows, "accuracy", scale=100).splitlines()
+    lines = markdown_table(rows, "accuracy", scale=100).splitlines()
     assert lines[2] == "| mle | 60.00 ± 10.00 |"
     assert lines[3] == "| blob | 50.00 ± 14.14 (2 seeds) |"
     assert lines[4] == "| map | 55.00 (1 seed) |"
 
 
+@pytest.mark.data
 def test_posterior_spread_script_reads_finished_runs(smoke, tmp_path):
     """benchmarks/posterior_spread.py: one row per blob run with its std, and one line + exit 2 without runs."""
     import subprocess
     import sys
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "posterior_spread.py"
+    script = REPO / "benchmarks" / "posterior_spread.py"
     _, out, _ = smoke
     proc = subprocess.run([sys.executable, str(script), str(out), "--entries", "blob"], capture_output=True, text=True,
                           timeout=300)
@@ -274,3 +340,62 @@ def test_posterior_spread_script_reads_finished_runs(smoke, tmp_path):
     assert float(cells[5]) >= 0  # N=2 vs posterior-mean probabilities, both saved by the runner
     bad = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "no finished runs" in bad.stderr
+
+
+# ---- ensembles and the training path (moved from tests/test_methods.py) ---------------------------------
+def test_ensemble_average_rules():
+    probs = [torch.tensor([[0.9, 0.1], [0.2, 0.8]]), torch.tensor([[0.5, 0.5], [0.4, 0.6]])]
+    logits = [torch.tensor([[[2.0, 0.0], [0.0, 1.0]]]), torch.tensor([[[0.0, 0.0], [1.0, 1.0]]])]
+    p, q = ensemble_average(probs, logits)
+    assert torch.allclose(p, (probs[0] + probs[1]) / 2)
+    assert torch.allclose(q, torch.softmax(torch.tensor([[1.0, 0.0], [0.5, 1.0]]), -1))
+
+
+def _tiny_llama_base(tiny_llama_dir, data_dir) -> dict:
+    return dict(model=str(tiny_llama_dir), data_dir=str(data_dir), max_steps=2, batch_size=4, max_length=32,
+                eval_batch_size=8, lr=1e-2, train_limit=8, eval_limit=6)
+
+
+@pytest.mark.data
+def test_ensemble_cell_trains_k_members_and_averages_their_probabilities(tiny_llama_dir, data_dir, tmp_path):
+    entry = Entry("ensemble", "ensemble", {}, {"ensemble": "probs", "ensemble_logitavg": "logits"}, members=3)
+    grid = Grid("g", tmp_path, _tiny_llama_base(tiny_llama_dir, data_dir), [entry], ["winogrande_s"], [7])
+    cell = cells_of(grid)[0]
+    metrics = run_cell(cell, grid, progress=False)
+    members = cell.member_dirs()
+    assert [m.name for m in members] == ["member0", "member1", "member2"]
+    stored = [json.loads((m / "config.json").read_text())["config"] for m in members]
+    assert [c["fit"]["seed"] for c in stored] == [7, 1007, 2007]
+    assert {c["method"] for c in stored} == {"mle"} and {c["predict"]["num_samples"] for c in stored} == {0}
+    member_preds = [load_file(str(m / PREDICTIONS)) for m in members]
+    ours = load_file(str(cell.dir / PREDICTIONS))
+    mean = torch.stack([p["member.probs"] for p in member_preds]).mean(0)
+    assert torch.allclose(ours["ensemble.probs"], mean, atol=1e-6)
+    logit_mean = torch.stack([p["member.logits"].mean(0) for p in member_preds]).mean(0)
+    assert torch.allclose(ours["ensemble_logitavg.probs"], torch.softmax(logit_mean, -1), atol=1e-6)
+    assert not torch.allclose(member_preds[0]["member.probs"], member_preds[1]["member.probs"])  # seeds differ
+    assert set(metrics["bench"]["rows"]) == {"ensemble", "ensemble_logitavg"}
+
+
+@pytest.mark.data
+def test_a_cell_trains_what_train_run_trains(tiny_llama_dir, data_dir, tmp_path):
+    """The runner trains through fit (keeping every prediction); it must match train_run exactly."""
+    from blob_pyro.config import RunConfig
+    from blob_pyro.training import train_run
+
+    cfg = RunConfig.from_dict({**_tiny_llama_base(tiny_llama_dir, data_dir), "dataset": "winogrande_s",
+                               "method": "blob", "num_samples": 2, "seed": 3}).resolve()
+    ref = train_run(cfg, tmp_path / "ref", progress=False)
+    ours = runner_cells.train_member(cfg, tmp_path / "ours", {"blob": cfg.predict.num_samples, "blob_mean": 0},
+                                     progress=False)
+    for key in ("accuracy", "ece", "nll", "brier"):
+        assert ours[key] == pytest.approx(ref[key], abs=1e-6), key
+    assert ours["bench"]["rows"]["blob"]["nll"] == pytest.approx(ref["nll"], abs=1e-6)
+    ref_log = (tmp_path / "ref" / "train_log.jsonl").read_text().splitlines()
+    our_log = (tmp_path / "ours" / "train_log.jsonl").read_text().splitlines()
+    strip = lambda line: {k: v for k, v in json.loads(line).items() if k != "seconds"}  # noqa: E731
+    assert [strip(x) for x in our_log] == [strip(x) for x in ref_log]
+    # both folders hold the same settings, and the runner accepts the train_run folder as finished with them
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["config"] == \
+        json.loads((tmp_path / "ref" / "config.json").read_text())["config"]
+    check_finished("ref", tmp_path / "ref", cfg)

@@ -1,0 +1,309 @@
+"""Results of a grid: results.csv, results.md (seed means, targets, times) and plots, from the finished cells.
+
+::
+
+    <name>/results.csv                       one row per (result row, train dataset, eval dataset, seed)
+    <name>/results.md                        mean ± std over seeds: ACC and ECE ×100, NLL, Brier, times
+    <name>/plots/reliability_<dataset>__<row>.png   reliability diagram, seeds pooled
+    <name>/plots/metrics_<dataset>.png       ACC / ECE / NLL bar chart per dataset
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+from blob_pyro.io import atomic_write_text
+
+from .cells import METRIC_NAMES, available_ood
+from .files import METRICS, is_finished, load_predictions, predictions_path
+from .grid import Grid, cells_of, run_config
+
+__all__ = ["CSV_COLUMNS", "collect_rows", "write_csv", "summarize", "markdown_table", "results_markdown",
+           "targets_markdown", "write_plots", "write_metric_charts", "report", "seed_key"]
+
+CSV_COLUMNS = ("method", "entry", "trained_as", "dataset", "eval_dataset", "seed", "num_samples", "accuracy", "ece",
+               "nll", "brier", "confidence", "num_examples", "train_seconds", "eval_seconds", "setup_seconds", "max_steps",
+               "batch_size", "run_dir")
+
+
+def collect_rows(grid: Grid, ood: list[str] | None = None) -> list[dict]:
+    """One dict per result row of every finished cell (in-distribution and OOD), in grid order."""
+    ood = list(ood or [])
+    out = []
+    cache: dict = {}
+    for cell in cells_of(grid):
+        if not is_finished(cell):
+            continue
+        metrics = json.loads((cell.dir / METRICS).read_text())
+        bench = metrics.get("bench", {})
+        cfg = cell.member_configs(grid.base)[0]
+        common = {"entry": cell.entry.name, "trained_as": cell.entry.method, "dataset": cell.dataset,
+                  "seed": cell.seed, "train_seconds": bench.get("train_seconds"),
+                  "setup_seconds": bench.get("setup_seconds"), "max_steps": cfg.fit.max_steps,
+                  "batch_size": cfg.fit.batch_size, "run_dir": str(cell.dir)}
+        sources = [(cell.dataset, bench.get("rows", {}))]
+        for d in ood:
+            path = cell.dir / "ood" / f"{d}.json"
+            if path.is_file():
+                sources.append((d, json.loads(path.read_text())["rows"]))
+        for eval_dataset, rows in sources:
+            for row in cell.entry.predict:  # only the rows this grid asks for, in its order
+                if row not in rows:
+                    continue
+                m = rows[row]
+                out.append({**common, "method": row, "eval_dataset": eval_dataset,
+                            "num_samples": m.get("num_samples"), "num_examples": m.get("num_examples"),
+                            "eval_seconds": m.get("eval_seconds"), **{k: m[k] for k in METRIC_NAMES},
+                            "confidence": _mean_confidence(cell.dir, eval_dataset, cell.dataset, row, cache)})
+    return out
+
+
+def _mean_confidence(run_dir: Path, eval_dataset: str, dataset: str, row: str, cache: dict) -> float | None:
+    """Mean top-label probability of a result row, from its saved predictions (None if they are gone).
+
+    Read next to ACC it says which way a miscalibration goes: above ACC over-confident, below under-confident.
+    """
+    path = predictions_path(run_dir, dataset, eval_dataset)
+    if path not in cache:
+        cache[path] = load_predictions(path)[1] if path.is_file() else {}
+    if row not in cache[path]:
+        return None
+    return float(cache[path][row][0].float().max(-1).values.mean())
+
+
+def write_csv(grid: Grid, rows: list[dict]) -> Path:
+    """results.csv, replaced atomically through a private temporary file: runner processes that share an output
+    folder (one per --methods pick) may rewrite it at the same moment."""
+    import io
+
+    grid.report_dir.mkdir(parents=True, exist_ok=True)
+    path = grid.report_dir / "results.csv"
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_COLUMNS})
+    atomic_write_text(path, buf.getvalue())
+    return path
+
+
+def _column(row: dict, multi_train: bool) -> str:
+    if row["eval_dataset"] == row["dataset"] or not multi_train:
+        return row["eval_dataset"]
+    return f"{row['dataset']}->{row['eval_dataset']}"
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(rows: list[dict]) -> tuple[list[str], list[str], dict]:
+    """(row names, columns, {(row, column): {metric: [values over seeds]}})."""
+    multi = len({r["dataset"] for r in rows}) > 1
+    names, cols, cells = [], [], {}
+    for r in rows:
+        col = _column(r, multi)
+        if r["method"] not in names:
+            names.append(r["method"])
+        if col not in cols:
+            cols.append(col)
+        slot = cells.setdefault((r["method"], col),
+                                {k: [] for k in METRIC_NAMES + ("confidence", "train_seconds", "eval_seconds")})
+        for k in slot:
+            if r.get(k) is not None:
+                slot[k].append(float(r[k]))
+    return names, cols, cells
+
+
+def markdown_table(rows: list[dict], metric: str, *, scale: float = 1.0, digits: int = 2) -> str:
+    """Mean ± sample std over seeds per (row, column).
+
+    A cell with fewer seeds than the table's fullest cell says how many it has, so that a half-done grid's
+    2-seed mean is not read as a 3-seed one; a single seed has no std and shows none.
+    """
+    names, cols, cells = summarize(rows)
+    full = max((len(c.get(metric) or []) for c in cells.values()), default=0)
+    lines = ["| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for name in names:
+        out = []
+        for col in cols:
+            values = cells.get((name, col), {}).get(metric) or []
+            if not values:
+                out.append("–")
+                continue
+            mean, std = _mean_std([v * scale for v in values])
+            if len(values) == 1:
+                out.append(f"{mean:.{digits}f} (1 seed)")
+            else:
+                out.append(f"{mean:.{digits}f} ± {std:.{digits}f}"
+                           + (f" ({len(values)} seeds)" if len(values) < full else ""))
+        lines.append(f"| {name} | " + " | ".join(out) + " |")
+    return "\n".join(lines)
+
+
+def results_markdown(grid: Grid, rows: list[dict], skipped_ood: list[str] = ()) -> str:
+    seeds = sorted({r["seed"] for r in rows})
+    cfg0 = run_config(grid.base, {}, method="blob", dataset=grid.datasets[0], seed=0, where=f"{grid.source} base")
+    lines = [f"# {grid.name}", "",
+             f"Grid `{grid.source}`: backbone `{cfg0.model}`, {cfg0.fit.max_steps} steps × batch {cfg0.fit.batch_size}, "
+             f"seeds {seeds}, {cfg0.predict.num_samples} samples for the stochastic methods; mean ± sample std "
+             f"over seeds (a cell with fewer seeds than the others says how many). ACC and ECE in % (×100, as "
+             f"the paper), NLL and Brier as is.", ""]
+    for title, metric, scale, digits in (("ACC (%) ↑", "accuracy", 100, 2), ("ECE (%) ↓", "ece", 100, 2),
+                                         ("NLL ↓", "nll", 1, 3), ("Brier ↓", "brier", 1, 3)):
+        lines += [f"## {title}", "", markdown_table(rows, metric, scale=scale, digits=digits), ""]
+    lines += ["## Mean confidence (%)", "", "Mean top-label probability: above ACC means over-confident, below "
+              "under-confident.", "", markdown_table(rows, "confidence", scale=100, digits=2), ""]
+    first_rows = {e.name: next(iter(e.predict)) for e in grid.entries}
+    trained = [r for r in rows if r["method"] == first_rows.get(r["entry"]) and r["eval_dataset"] == r["dataset"]]
+    lines += ["## Time (seconds per cell, mean ± std over seeds)", "",
+              "Train: the fit loop of the run (ensembles: all members; one row per trained entry); eval: that "
+              "row's predictions on the evaluated split.", "", "### train", "",
+              markdown_table(trained, "train_seconds", digits=0), "",
+              "### eval", "", markdown_table(rows, "eval_seconds", digits=0), ""]
+    lines += targets_markdown(rows)
+    total = _total_seconds(rows)
+    lines += [f"Total compute of the finished cells (setup + train + eval, summed): {total:.0f} s "
+              f"({total / 3600:.2f} h).", ""]
+    for msg in skipped_ood:
+        lines.append(f"- {msg}")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def targets_markdown(rows: list[dict]) -> list[str]:
+    """The issue's targets per in-distribution dataset, from the seed means of ``mle``, ``blob``, ``blob_mean``.
+
+    BLoB (N=10) ECE at most half of MLE's; BLoB accuracy at most 1 point below MLE's; BLoB NLL below MLE's;
+    ECE ordering MLE > BLoB N=0 > BLoB N=10. The means are over the seeds that all three rows have (a paired
+    comparison), and a note names the seeds left out when a half-done grid has more for some row. Empty when
+    the three rows share no seed.
+    """
+    need = ("mle", "blob", "blob_mean")
+    multi = len({r["dataset"] for r in rows}) > 1
+    by: dict = {}  # column -> method -> seed -> row
+    for r in rows:
+        if r["eval_dataset"] == r["dataset"] and r["method"] in need:
+            by.setdefault(_column(r, multi), {}).setdefault(r["method"], {})[str(r["seed"])] = r
+    table, notes = [], []
+    for col, methods in by.items():
+        seeds = set.intersection(*(set(methods.get(m, {})) for m in need))
+        if not seeds:
+            continue
+        table.append((col, methods, sorted(seeds, key=seed_key)))
+        extra = set().union(*(set(methods.get(m, {})) for m in need)) - seeds
+        if extra:
+            notes.append(f"- {col}: seeds {', '.join(sorted(seeds, key=seed_key))} (those all three rows have); "
+                         f"left out: {', '.join(sorted(extra, key=seed_key))}.")
+    if not table:
+        return []
+
+    def mark(ok):
+        return "yes" if ok else "**no**"
+
+    lines = ["## Targets (seed means)", "",
+             "| dataset | ECE blob / mle | ≤ ½? | ACC blob − mle (pt) | ≥ −1? | NLL blob − mle | < 0? | "
+             "ECE mle > blob_mean > blob? |", "|---|---|---|---|---|---|---|---|"]
+    for col, methods, seeds in table:
+        def mean(method, metric, methods=methods, seeds=seeds):
+            return statistics.fmean(float(methods[method][s][metric]) for s in seeds)
+
+        e_mle, e_n0, e_b = (mean(m, "ece") for m in ("mle", "blob_mean", "blob"))
+        ratio = e_b / e_mle if e_mle > 0 else float("inf")
+        dacc = 100 * (mean("blob", "accuracy") - mean("mle", "accuracy"))
+        dnll = mean("blob", "nll") - mean("mle", "nll")
+        lines.append(f"| {col} | {100 * e_b:.2f} / {100 * e_mle:.2f} = {ratio:.2f} | {mark(ratio <= 0.5)} | "
+                     f"{dacc:+.2f} | {mark(dacc >= -1 - 1e-9)} | {dnll:+.4f} | {mark(dnll < 0)} | "
+                     f"{100 * e_mle:.2f} > {100 * e_n0:.2f} > {100 * e_b:.2f}: {mark(e_mle > e_n0 > e_b)} |")
+    return lines + ([""] + notes if notes else []) + [""]
+
+
+def seed_key(seed: str):
+    return (0, int(seed), "") if seed.lstrip("-").isdigit() else (1, 0, seed)
+
+
+def _total_seconds(rows: list[dict]) -> float:
+    seen, total = set(), 0.0
+    for r in rows:
+        key = r["run_dir"]
+        if key not in seen:
+            seen.add(key)
+            total += float(r.get("train_seconds") or 0) + float(r.get("setup_seconds") or 0)
+        if r["entry"] == r["method"] or r["trained_as"] != "ensemble":
+            total += float(r.get("eval_seconds") or 0)
+    return total
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name.replace("->", "_to_"))
+
+
+def write_plots(grid: Grid, rows: list[dict]) -> list[Path]:
+    """A reliability diagram per (dataset, result row), seeds pooled, and a metric bar chart per dataset."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import torch
+
+    from blob_pyro.plots import reliability_diagram, save_figure
+
+    multi = len({r["dataset"] for r in rows}) > 1
+    pooled: dict = {}
+    cache: dict = {}
+    for r in rows:
+        run_dir = Path(r["run_dir"])
+        path = predictions_path(run_dir, r["dataset"], r["eval_dataset"])
+        if path not in cache:
+            cache[path] = load_predictions(path) if path.is_file() else None
+        if cache[path] is None or r["method"] not in cache[path][1]:
+            continue
+        labels, preds = cache[path]
+        col = _column(r, multi)
+        where = col if r["eval_dataset"] == r["dataset"] else f"{r['eval_dataset']}, trained on {r['dataset']}"
+        slot = pooled.setdefault((col, r["method"]), ([], [], where))
+        slot[0].append(preds[r["method"]][0])
+        slot[1].append(labels)
+    out = []
+    plots = grid.report_dir / "plots"
+    for (col, method), (probs, labels, where) in pooled.items():
+        seeds = len(probs)
+        ax = reliability_diagram(torch.cat(probs), torch.cat(labels), label=method)
+        ax.set_title(f"{method} on {where} ({seeds} seed{'s' if seeds > 1 else ''} pooled)", fontsize="medium")
+        out.append(save_figure(ax, plots / f"reliability_{_safe(col)}__{_safe(method)}.png"))
+    return out + write_metric_charts(grid, rows)
+
+
+def write_metric_charts(grid: Grid, rows: list[dict]) -> list[Path]:
+    """An ACC / ECE / NLL bar chart per dataset column, from the rows' values (no predictions needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from blob_pyro.plots import plot_metric_comparison, save_figure
+
+    names, cols, cells = summarize(rows)
+    out = []
+    for col in cols:
+        results = {n: {k: cells[(n, col)][k] for k in ("accuracy", "ece", "nll")} for n in names if (n, col) in cells}
+        fig = plot_metric_comparison(results, percent=True)
+        fig.suptitle(col)
+        out.append(save_figure(fig, grid.report_dir / "plots" / f"metrics_{_safe(col)}.png"))
+    return out
+
+
+def report(grid: Grid, *, ood: list[str] | None = None, skipped: list[str] = (), plots: bool = True) -> list[dict]:
+    """Write results.csv, results.md and the plots from the finished cells; returns the rows."""
+    if ood is None:
+        ood, skipped = available_ood(grid) if grid.ood_datasets else ([], [])
+    rows = collect_rows(grid, ood)
+    write_csv(grid, rows)
+    if not rows:
+        return rows
+    atomic_write_text(grid.report_dir / "results.md", results_markdown(grid, rows, skipped))
+    if plots:
+        write_plots(grid, rows)
+    return rows
+
+
