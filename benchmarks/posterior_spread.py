@@ -1,6 +1,7 @@
 """How far the variational posterior of finished benchmark runs moved from its initialisation.
 
-Reads each ``runs/<dataset>/<entry>/seed<k>`` folder of a benchmark output (``bench_out/cpu`` by default)
+Reads each ``runs/<dataset>/<entry>/seed<k>`` folder of a grid's output (``python -m benchmarks.runner run``;
+``bench_out/cpu`` by default)
 for the entries given (default ``blob`` and ``bbb``) and prints, per run: the mean posterior std of the
 Bayesian factors, its ratio to the prior scale, the mean |posterior mean| and the largest KL weight the
 run's schedule reached, with the mean top-label probability gap between the N=10 and posterior-mean
@@ -26,16 +27,21 @@ def main(argv=None) -> int:
     p.add_argument("--entries", nargs="+", default=["blob", "bbb"])
     args = p.parse_args(argv)
 
+    runs = sorted(d for e in args.entries for d in (Path(args.out) / "runs").glob(f"*/{e}/seed*")
+                  if (d / "metrics.json").is_file())
+    if not runs:
+        print(f"posterior_spread.py: error: no finished runs of {args.entries} under {args.out}/runs", file=sys.stderr)
+        return 2
+
+    from blob_pyro.cli import quiet_library_logs
+
+    quiet_library_logs()  # before PEFT is imported
     import pyro
     from safetensors.torch import load_file
 
     from blob_pyro.guides import guide_std
-    from blob_pyro.runs import load_run
+    from blob_pyro.training import load_run
 
-    runs = sorted(d for e in args.entries for d in (Path(args.out) / "runs").glob(f"*/{e}/seed*") if (d / "metrics.json").is_file())
-    if not runs:
-        print(f"posterior_spread.py: error: no finished runs of {args.entries} under {args.out}/runs", file=sys.stderr)
-        return 2
     print("| run | mean std | std / prior scale | mean abs(mean) | max KL weight | mean abs(p_N10 − p_mean) |")
     print("|---|---|---|---|---|---|")
     for d in runs:
@@ -54,7 +60,7 @@ def main(argv=None) -> int:
             if f"{entry}.probs" in t and f"{entry}_mean.probs" in t:
                 gap = f"{float((t[f'{entry}.probs'] - t[f'{entry}_mean.probs']).abs().mean()):.2e}"
         rel = d.relative_to(Path(args.out) / "runs")
-        print(f"| {rel} | {s:.2e} | {s / run.config.prior_scale:.3f} | {m:.2e} | {klw:.2e} | {gap} |")
+        print(f"| {rel} | {s:.2e} | {s / run.config.bayes.prior_scale:.3f} | {m:.2e} | {klw:.2e} | {gap} |")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Does a benchmark row differ from a reference row by more than the seed noise? Welch's t over seeds.
 
-Reads a grid's ``results.csv`` (the one ``python -m blob_pyro.bench report`` writes, or a committed copy under
+Reads a grid's ``results.csv`` (the one ``python -m benchmarks.runner report`` writes, or a committed copy under
 ``benchmarks/results/``) and, for one dataset, compares every result row with the reference row (``mle`` by
 default) on accuracy, ECE and NLL: mean ± sample std over seeds, Welch's t (the difference of the means over
 its standard error), the Welch–Satterthwaite degrees of freedom and the two-sided p-value. Only rows with the
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
         rows = list(csv.DictReader(f))
     need = {"method", "dataset", "eval_dataset", "seed"} | {m for m, *_ in METRICS}
     if not rows or not need <= set(rows[0]):
-        return fail(f"{path} is not a results.csv of blob_pyro.bench (needs columns {', '.join(sorted(need))})")
+        return fail(f"{path} is not a results.csv of benchmarks.runner (needs columns {', '.join(sorted(need))})")
     by: dict[str, dict[str, dict]] = {}
     for r in rows:
         if r["dataset"] == args.dataset and r["eval_dataset"] == args.dataset:

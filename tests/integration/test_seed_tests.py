@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "seed_tests.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "seed_tests.py"
 COLUMNS = ["method", "entry", "dataset", "eval_dataset", "seed", "accuracy", "ece", "nll"]
 
 
