@@ -9,6 +9,8 @@ Stated tolerances:
   metrics (within 1e-6).
 - Flipout on (the default): each process draws its own signs, so the runs agree in distribution only;
   the loss trajectories stay within 5 % relative and accuracy within one example.
+
+(The helpers' single-process behaviour: tests/unit/test_distributed.py.)
 """
 
 import json
@@ -22,11 +24,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from blob_pyro.config import TrainConfig
-from blob_pyro.distributed import average_gradients, world_size
-from blob_pyro.runs import train_run
+from blob_pyro.config import RunConfig
+from blob_pyro.training import train_run
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STEPS = 6
 
 WORKER = """
@@ -83,7 +84,7 @@ def runs(tiny_llama_dir, data_dir, tmp_path_factory):
            "--main_process_port", str(_free_port()), str(worker), json.dumps(argvs)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for name, c in configs.items():  # the 1-process references train meanwhile, in this process
-        train_run(TrainConfig(**c, batch_size=8), root / f"one_{name}", progress=False)
+        train_run(RunConfig.from_dict({**c, "batch_size": 8}), root / f"one_{name}", progress=False)
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err[-3000:]
     return root
@@ -120,10 +121,3 @@ def test_two_processes_agree_in_distribution_with_flipout(runs):
     assert abs(m1["accuracy"] - m2["accuracy"]) <= 1 / 11 + 1e-9
     files = sorted(p.name for p in two.iterdir())
     assert files == ["adapter", "config.json", "metrics.json", "posterior.safetensors", "train_log.jsonl"]
-
-
-def test_helpers_are_single_process_no_ops():
-    p = torch.nn.Parameter(torch.ones(3))
-    p.grad = torch.full((3,), 2.0)
-    average_gradients([p])
-    assert world_size() == 1 and torch.equal(p.grad, torch.full((3,), 2.0))
