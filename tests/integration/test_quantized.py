@@ -2,6 +2,7 @@
 full precision, that the Bayesian LoRA factors reach the quantised layers, and save -> load.
 
 The paper's GPU protocol loads Llama-2-7B in 8-bit; these tests run the same code path on tiny models.
+(load_backbone's one-line error without bitsandbytes: tests/unit/test_backbone.py.)
 """
 
 import builtins
@@ -10,14 +11,14 @@ import logging
 
 import pytest
 import torch
+from helpers import toy_examples
 
-from blob_pyro.backbone import QUANT_SKIP_MODULES, ModelError, load_backbone
+from blob_pyro.backbone import QUANT_SKIP_MODULES, load_backbone
 from blob_pyro.cli import main
-from blob_pyro.config import TrainConfig
+from blob_pyro.config import RunConfig
 from blob_pyro.infer import fit
 from blob_pyro.predictive import predict
-from blob_pyro.runs import build, load_run, save_run
-from helpers import toy_examples
+from blob_pyro.training import build, load_run, save_run
 
 
 def _bnb():
@@ -35,13 +36,11 @@ def _hide_bitsandbytes(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake)
 
 
-def test_quantised_loading_without_bitsandbytes_is_one_clear_error(monkeypatch, capsys, tmp_path):
+def test_quantised_training_without_bitsandbytes_is_one_clear_error(monkeypatch, capsys, tmp_path, data_dir):
     _hide_bitsandbytes(monkeypatch)
-    with pytest.raises(ModelError, match=r"needs bitsandbytes: pip install 'blob_pyro\[quant\]'"):
-        load_backbone("minilm", num_classes=4, load_in_8bit=True, device="cpu")
     out = tmp_path / "run"
-    code = main(["train", "--model", "minilm", "--dataset", "openbookqa", "--load-in-8bit", "true",
-                 "--device", "cpu", "--output-dir", str(out), "--quiet"])
+    code = main(["train", "--model", "minilm", "--dataset", "openbookqa", "--data-dir", str(data_dir),
+                 "--load-in-8bit", "true", "--device", "cpu", "--output-dir", str(out), "--quiet"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(err) == 1 and "needs bitsandbytes" in err[0]
     assert not out.exists()
@@ -89,9 +88,10 @@ def test_quantised_run_samples_its_lora_factors_and_round_trips(tiny_llama_dir, 
             ["q_proj", "v_proj", "lm_head"], 4, 2  # q, v in 2 layers; lm_head stays full precision
     else:
         model, dataset, targets, quantised_layers, num_classes = "minilm", "openbookqa", None, 12, 4  # 6 layers
-    cfg = TrainConfig(model=model, dataset=dataset, load_in_8bit=bits == "8bit", load_in_4bit=bits == "4bit",
-                      device="cpu", target_modules=targets, bayesian_factor=factor, max_length=48, max_steps=20,
-                      batch_size=8, lr=1e-2, kl_schedule="standard", num_samples=3, **extra)
+    cfg = RunConfig.from_dict(dict(model=model, dataset=dataset, load_in_8bit=bits == "8bit",
+                                   load_in_4bit=bits == "4bit", device="cpu", target_modules=targets,
+                                   bayesian_factor=factor, max_length=48, max_steps=20, batch_size=8, lr=1e-2,
+                                   kl_schedule="standard", num_samples=3, **extra))
     run = build(cfg, with_data=False)
     lora_type = LoraLinear8bit if bits == "8bit" else LoraLinear4bit
     assert sum(isinstance(m, lora_type) for m in run.model.network.modules()) == quantised_layers
@@ -99,20 +99,19 @@ def test_quantised_run_samples_its_lora_factors_and_round_trips(tiny_llama_dir, 
     run.model.num_data = len(examples)
     # no prediction before training: on AVX512-BF16 CPUs bitsandbytes 0.50's 4-bit layers repack their weights at
     # a forward in eval mode without gradients, and a training forward after that fails inside bitsandbytes
-    before = {k: v.detach().clone() for k, v in run.guide.median(run.model.example_batch()).items()}
-    log = fit(run.model, run.guide, examples, max_steps=20, batch_size=8, lr=1e-2, kl_schedule="standard",
-              progress=False, seed=0)
+    before = {k: v.detach().clone() for k, v in run.guide.median().items()}
+    log = fit(run.model, run.guide, examples, run.config.fit, progress=False)
     assert all(torch.isfinite(torch.tensor([r["loss"] for r in log])))
     mean = predict(run.model, run.guide, examples, num_samples=0, progress=False).probs
     torch.manual_seed(3)
     sampled = predict(run.model, run.guide, examples, num_samples=3, progress=False).probs
-    after = run.guide.median(run.model.example_batch())
+    after = run.guide.median()
     assert set(after) == set(before) and not all(torch.equal(after[k], before[k]) for k in before)  # it trained
     assert not torch.allclose(sampled, mean, atol=1e-4)  # the draws reach the quantised layers
     save_run(tmp_path / "run", run)
     (tmp_path / "run" / "config.json").write_text(json.dumps({"config": run.config.to_dict()}))
-    again = load_run(tmp_path / "run", dataset=dataset)
-    assert (again.config.load_in_8bit, again.config.load_in_4bit) == (bits == "8bit", bits == "4bit")
+    again = load_run(tmp_path / "run")  # the model and posterior only: the examples above are the data
+    assert (again.config.runtime.load_in_8bit, again.config.runtime.load_in_4bit) == (bits == "8bit", bits == "4bit")
     assert torch.allclose(predict(again.model, again.guide, examples, num_samples=0, progress=False).probs, mean,
                           atol=1e-6)
 
