@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import typing
@@ -163,16 +164,7 @@ class RunConfig:
     @classmethod
     def fields(cls) -> dict[str, tuple[Optional[str], dataclasses.Field, Any]]:
         """Flat name -> (section or None, dataclass field, type hint), for every setting."""
-        out = {}
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if f.name not in SECTIONS:
-                out[f.name] = (None, f, hints[f.name])
-        for section, klass in SECTIONS.items():
-            shints = typing.get_type_hints(klass)
-            for f in dataclasses.fields(klass):
-                out[f.name] = (section, f, shints[f.name])
-        return out
+        return dict(_fields_of(cls))
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -269,6 +261,19 @@ class RunConfig:
             if flat[name] is None and "unset" in f.metadata:
                 flat[name] = f.metadata["unset"]
         return RunConfig.from_dict(flat).validate()
+
+
+@functools.cache
+def _fields_of(cls) -> tuple:
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name not in SECTIONS:
+            out.append((f.name, (None, f, hints[f.name])))
+    for section, klass in SECTIONS.items():
+        shints = typing.get_type_hints(klass)
+        out += [(f.name, (section, f, shints[f.name])) for f in dataclasses.fields(klass)]
+    return tuple(out)
 
 
 def _check_names(data: dict, source: str, names=None) -> None:

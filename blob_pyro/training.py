@@ -278,6 +278,8 @@ def load_run(run_dir, *, dataset: str | None = None, data_dir: str | None = None
     eval_split = None
     if dataset is not None or data_dir is not None:
         eval_split = load_split(dataset or cfg.dataset, "eval", data_dir or cfg.data_dir, limit=cfg.eval_limit)
+    if dataset is not None and dataset != cfg.dataset:
+        retarget_head(model, dataset)
     return Run(cfg, model, guide, None, eval_split)
 
 
