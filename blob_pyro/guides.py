@@ -225,6 +225,22 @@ class BlobGuide(AutoGuide):
         return f"LowRankMVN(loc, cov=diag(s)(I+UU^T)diag(s), rank={self.rank}, s={std})"
 
 
+def _set_up(guide, model):
+    """Run a Pyro autoguide once over ``model``'s prior part, so that its parameters, median and stds exist
+    before any data is seen; the RNG streams are restored, so this changes no later draw."""
+    if not hasattr(model, "latents"):  # a plain Pyro model: the guide sets itself up at its first call
+        return guide
+    from .checkpoint import get_rng_state, set_rng_state
+
+    state = get_rng_state()
+    try:
+        with torch.no_grad():
+            guide()
+    finally:
+        set_rng_state(state)
+    return guide
+
+
 def _auto_args(model):
     """What a Pyro autoguide traces (the model's prior part when it has one: no batch needed) and its init."""
     fn = getattr(model, "init_loc_fn", None)
@@ -249,10 +265,10 @@ def make_guide(guide="blob", model=None, *, eps: float = 0.05, std_param: str = 
         return BlobGuide(model, eps=eps, std_param=std_param, covariance="lowrank", rank=rank)
     if guide == "auto_normal":
         target, init = _auto_args(model)
-        return AutoNormal(target, init_scale=eps**2, **init)
+        return _set_up(AutoNormal(target, init_scale=eps**2, **init), model)
     if guide == "auto_delta":
         target, init = _auto_args(model)
-        return AutoDelta(target, **init)
+        return _set_up(AutoDelta(target, **init), model)
     raise ValueError(f"unknown guide {guide!r}; choose one of {', '.join(GUIDES)} or pass a builder")
 
 

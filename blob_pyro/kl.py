@@ -20,11 +20,13 @@ from __future__ import annotations
 import math
 
 import torch
+from pyro.distributions import Normal
 from torch.distributions import kl_divergence
 
 from .errors import ConfigError
 
-__all__ = ["StandardKL", "BlobKLSchedule", "FixedKL", "make_kl_schedule", "KL_SCHEDULES", "closed_form_kl"]
+__all__ = ["StandardKL", "BlobKLSchedule", "FixedKL", "make_kl_schedule", "KL_SCHEDULES", "closed_form_kl",
+           "normal_kl_has_closed_form"]
 
 
 class StandardKL:
@@ -104,8 +106,9 @@ def make_kl_schedule(name: str, num_data: int, batch_size: int, *, world_size: i
 def closed_form_kl(q, p) -> torch.Tensor:
     """KL(q‖p) summed over all entries, in float64, from the closed form of the two distributions given.
 
-    Refused (:class:`~blob_pyro.errors.ConfigError`, one line) where torch has no closed form for the pair,
-    e.g. a Normal guide against a Laplace or Student-t prior: the KL is never replaced by that of another family.
+    Refused (:class:`~blob_pyro.errors.ConfigError`, one line) where torch has no closed form for the pair, e.g.
+    a Normal guide against a Student-t prior (Normal against Normal or Laplace has one): the KL is never replaced
+    by that of another family.
     """
     from .poutine.float64 import as_float64
 
@@ -117,6 +120,19 @@ def closed_form_kl(q, p) -> torch.Tensor:
     except NotImplementedError as err:
         raise ConfigError(f"no closed-form KL between the guide's {_family(q)} and the prior's {_family(p)}; "
                           f"use prior=normal or an objective that estimates the KL by Monte Carlo") from err
+
+
+def normal_kl_has_closed_form(prior) -> bool:
+    """Whether KL(Normal guide ‖ ``prior``) has a closed form in torch (``prior``: a callable ``prior(site)``)."""
+    from types import SimpleNamespace
+
+    p = prior(SimpleNamespace(shape=(1,), device=None))
+    q = Normal(torch.zeros(1), torch.ones(1)).to_event(1)
+    try:
+        kl_divergence(q, p)
+    except NotImplementedError:
+        return False
+    return True
 
 
 def _family(d) -> str:

@@ -53,9 +53,8 @@ METHODS = {
 
 PRESETS = {
     "paper": Method("paper", "the official optimisation: Bayesian A, BLoB guide and KL re-weighting, AdamW on the "
-                             "NLL then SGD on the closed-form weighted KL (so the prior must be Normal)",
-                    requires={"bayesian_factor": "A", "guide": "blob", "kl_schedule": "blob", "objective": "paper",
-                              "prior": "normal"}),
+                             "NLL then SGD on the closed-form weighted KL (a prior with a closed-form KL to a Normal)",
+                    requires={"bayesian_factor": "A", "guide": "blob", "kl_schedule": "blob", "objective": "paper"}),
 }
 
 
@@ -68,6 +67,14 @@ def _apply(flat: dict, method: Method, label: str) -> None:
     for key, value in method.defaults.items():
         if flat.get(key) is None:
             flat[key] = value
+
+
+def _closed_form(family: str) -> bool:
+    """Whether a prior family has a closed-form KL against the Normal guide (which family it is decides)."""
+    from .kl import normal_kl_has_closed_form
+    from .priors import PRIORS
+
+    return family not in PRIORS or normal_kl_has_closed_form(PRIORS[family]())
 
 
 def apply_method(flat: dict, method: str, preset: str | None = None) -> dict:
@@ -86,7 +93,8 @@ def apply_method(flat: dict, method: str, preset: str | None = None) -> dict:
         raise ConfigError("method=mcdropout needs lora_dropout > 0; got lora_dropout=0")
     if out.get("objective") == "paper" and out.get("guide") not in (None, "blob"):
         raise ConfigError(f"objective=paper steps the blob guide's rho by SGD; got guide={out.get('guide')}")
-    if out.get("objective") == "paper" and out.get("prior") not in (None, "normal"):
-        raise ConfigError(f"objective=paper optimises the closed-form KL, which prior={out.get('prior')} does not "
-                          f"have against a Normal guide; use prior=normal")
+    prior = out.get("prior")
+    if out.get("objective") == "paper" and prior is not None and not _closed_form(prior):
+        raise ConfigError(f"objective=paper optimises the closed-form KL, which prior={prior} does not have against "
+                          f"the Normal guide; use prior=normal or laplace, or objective=elbo (Monte Carlo KL)")
     return out

@@ -151,7 +151,7 @@ def test_negative_num_samples(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, needles", [
     (["--method", "mle", "--guide", "lowrank"], ("method=mle", "guide=lowrank")),
-    (["--preset", "paper", "--prior", "laplace"], ("preset=paper", "prior=laplace")),
+    (["--preset", "paper", "--prior", "student_t"], ("objective=paper", "prior=student_t")),
     (["--preset", "paper", "--method", "mcdropout"], ("preset=paper", "method=mcdropout")),
     (["--method", "mcdropout", "--lora-dropout", "0"], ("method=mcdropout", "lora_dropout")),
 ])

@@ -81,14 +81,7 @@ def test_every_guide_sets_itself_up_without_data(guide_name):
             assert std.min() >= 0.05**2 / 2 - 1e-7
 
 
-FRESH_AUTONORMAL = ("a just-built AutoNormal has no prototype trace until it has run once, so guide.median() (Pyro) "
-                    "and guides.guide_std() raise AttributeError; make_guide could set it up (blob_pyro/guides.py "
-                    "make_guide / _site_names; library bug, reported)")
-
-
-@pytest.mark.parametrize("guide_name", [pytest.param(g, marks=pytest.mark.xfail(strict=True, raises=AttributeError,
-                                                                                reason=FRESH_AUTONORMAL))
-                                        if g == "auto_normal" else g for g in GUIDES])
+@pytest.mark.parametrize("guide_name", GUIDES)
 def test_a_fresh_guide_gives_its_median_and_std(guide_name):
     """Guides need no batch and no first call: a just-built guide's mean and std summary."""
     model = tiny_model("B")

@@ -15,7 +15,8 @@ from blob_pyro.priors import PRIORS, make_prior
 
 from .tiny import tiny_model
 
-NO_CLOSED_FORM = {"laplace": "Laplace", "student_t": "StudentT"}
+NO_CLOSED_FORM = {"student_t": "StudentT"}
+"""Prior families without a closed-form KL to the Normal guide in torch (Normal and Laplace have one)."""
 """Families without a closed-form KL against a Normal guide (torch has none)."""
 
 
@@ -67,18 +68,7 @@ def _moved_guide(model):
     return guide
 
 
-TORCH_HAS_NORMAL_LAPLACE = ("torch registers a closed-form KL(Normal || Laplace) (torch/distributions/kl.py, "
-                            "_kl_normal_laplace), so closed_form_kl returns it instead of refusing; blob_pyro/kl.py, "
-                            "priors.py and methods.py say there is none (library bug, reported)")
-
-
-def _families():
-    """Every family of PRIORS; a Laplace prior is expected to be refused but is not (see the mark)."""
-    return [pytest.param(f, marks=pytest.mark.xfail(strict=True, reason=TORCH_HAS_NORMAL_LAPLACE))
-            if f == "laplace" else f for f in PRIORS]
-
-
-@pytest.mark.parametrize("family", _families())
+@pytest.mark.parametrize("family", list(PRIORS))
 def test_closed_form_kl_equals_monte_carlo_or_is_refused(family):
     """For every prior family: the closed form (float64) is the MC estimate of E_q[log q - log p], or, where torch
     has no closed form, a one-line ConfigError naming both families (never the KL of another family)."""
@@ -115,20 +105,3 @@ def test_closed_form_normal_kl_is_blobs_formula_and_differentiable():
     kl.backward()
     rho = pyro.param(f"BlobGuide.rho.{name}").unconstrained()
     assert rho.grad is not None and torch.isfinite(rho.grad).all() and rho.grad.dtype == torch.float32
-
-
-def test_laplace_closed_form_that_torch_returns_is_the_monte_carlo_kl():
-    """What closed_form_kl gives for a Laplace prior today is at least the right number (see the xfail above)."""
-    torch.manual_seed(2)
-    model = tiny_model("B", prior=make_prior("laplace", 0.2))
-    guide = _moved_guide(model)
-    name = model.sites[0].name
-    q, p = guide.site_distribution(name), model.prior_distributions()[name]
-    try:
-        kl = closed_form_kl(q, p).item()
-    except ConfigError:
-        pytest.skip("refused, as blob_pyro intends")
-    with torch.no_grad():
-        draws = q.sample((20000,))
-        mc = q.log_prob(draws).double() - p.log_prob(draws).double()
-    assert abs(mc.mean().item() - kl) < 4 * mc.std().item() / math.sqrt(len(mc))

@@ -87,10 +87,9 @@ def test_the_paper_preset_refuses_every_other_method(method):
 @pytest.mark.parametrize("settings, needles", [
     ({"objective": "paper", "guide": "lowrank"}, ("objective=paper", "guide=lowrank")),
     ({"objective": "paper", "guide": "auto_normal"}, ("objective=paper", "guide=auto_normal")),
-    ({"objective": "paper", "prior": "laplace"}, ("objective=paper", "prior=laplace")),
     ({"objective": "paper", "prior": "student_t"}, ("objective=paper", "prior=student_t")),
     ({"method": "mle", "objective": "paper"}, ("objective=paper", "guide=auto_delta")),
-    ({"preset": "paper", "prior": "laplace"}, ("preset=paper", "prior=laplace")),
+    ({"preset": "paper", "prior": "student_t"}, ("objective=paper", "prior=student_t")),
     ({"preset": "paper", "method": "mle"}, ("preset=paper", "method=mle")),
     ({"method": "mle", "guide": "lowrank"}, ("method=mle", "guide=lowrank")),
 ])
