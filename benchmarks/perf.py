@@ -1106,7 +1106,7 @@ def main(argv=None) -> int:
         args.clock = "cpu" if torch.device(args.device).type == "cpu" and torch.get_num_threads() == 1 else "wall"
     CLOCK["name"] = args.clock
     try:
-        from blob_pyro.cli import quiet_library_logs
+        from blob_pyro.logs import quiet_library_logs
     except ImportError:  # a checkout from before 5cb28e0 (a --compare-src worker)
         import transformers
 

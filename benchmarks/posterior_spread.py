@@ -33,7 +33,7 @@ def main(argv=None) -> int:
         print(f"posterior_spread.py: error: no finished runs of {args.entries} under {args.out}/runs", file=sys.stderr)
         return 2
 
-    from blob_pyro.cli import quiet_library_logs
+    from blob_pyro.logs import quiet_library_logs
 
     quiet_library_logs()  # before PEFT is imported
     import pyro

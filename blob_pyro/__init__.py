@@ -11,7 +11,7 @@
 Where things live: ``model`` (the Pyro model), ``priors``, ``guides``, ``poutine`` (Flipout, KL scaling,
 float64 latents), ``kl`` (KL schedules), ``infer`` (``fit``), ``optim``, ``predictive``, ``metrics``,
 ``lora`` (PEFT bridge), ``heads``, ``backbone``, ``data``, ``config`` and ``methods`` (settings),
-``training`` (run folders), ``checkpoint``, ``io``, ``errors``, ``cli``; the Bayesian workflow in
+``training`` (run folders), ``checkpoint``, ``io``, ``errors``, ``logs``, ``cli``; the Bayesian workflow in
 ``arviz_io``, ``diagnostics``, ``ppc`` and ``plots`` (the ``workflow`` extra).
 """
 
@@ -37,6 +37,7 @@ _API = {
     "build": "training", "evaluate": "training", "load_run": "training", "train_run": "training",
     "resume_run": "training", "save_run": "training",
     "BlobPyroError": "errors",
+    "quiet_library_logs": "logs",
 }
 
 __all__ = sorted(_API) + ["__version__"]

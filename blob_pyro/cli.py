@@ -19,17 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import typing
-import warnings
 from pathlib import Path
 
 from .config import RunConfig
 from .errors import BlobPyroError, ConfigError
+from .logs import quiet_library_logs
 
-__all__ = ["main", "ppc_main", "describe_text", "metrics_table", "quiet_library_logs"]
+__all__ = ["main", "ppc_main", "describe_text", "metrics_table"]
 
 PROG = "blob-pyro"
 
@@ -245,37 +244,6 @@ def ppc_main(argv: list[str] | None = None, *, prog: str = "ppc.py") -> int:
     args = p.parse_args(argv)
     args.command = "ppc"
     return _run(args, prog)
-
-
-class _OncePerMessage(logging.Filter):
-    """Let each distinct message through once (bitsandbytes logs one notice per forward of every 8-bit layer)."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        if msg in self.seen:
-            return False
-        self.seen.add(msg)
-        return True
-
-
-def quiet_library_logs() -> None:
-    """Keep stderr for the user's errors: library chatter off, before PEFT (and bitsandbytes) is imported.
-
-    With bitsandbytes installed, importing PEFT logs two warnings on CPUs with AVX512-BF16 (an optional 4-bit
-    CPU kernel cannot be fetched offline), and every 8-bit layer logs an input-cast notice per forward.
-    """
-    for name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    logging.getLogger("bitsandbytes.autograd._functions").addFilter(_OncePerMessage())
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()  # weight-loading bars
-    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter
 
 
 def _run(args: argparse.Namespace, prog: str) -> int:

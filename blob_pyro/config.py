@@ -132,6 +132,12 @@ class RuntimeConfig:
     trust_remote_code: bool = _f(False, "allow custom model code from the hub (off unless you ask)")
     checkpoint_every: int = _f(0, "write a resumable checkpoint every K steps (0: off)")
 
+    def autocast_dtype(self):
+        """The dtype ``fit`` and ``predict`` autocast the network to (``torch.bfloat16`` with ``bf16``), or None."""
+        import torch
+
+        return torch.bfloat16 if self.bf16 else None
+
 
 SECTIONS = {"adapter": AdapterConfig, "bayes": BayesConfig, "fit": FitConfig, "predict": PredictConfig,
             "runtime": RuntimeConfig}

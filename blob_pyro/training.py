@@ -62,11 +62,6 @@ class Run:
     eval: object = None
 
 
-def autocast_dtype(cfg: RunConfig) -> torch.dtype | None:
-    """The autocast dtype the runtime settings ask for (bf16 or none)."""
-    return torch.bfloat16 if cfg.runtime.bf16 else None
-
-
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
@@ -147,8 +142,12 @@ def _make_guide(cfg: RunConfig, model: BlobModel):
     return make_guide(b.guide, model, eps=b.eps, std_param=b.std_param, rank=b.guide_rank)
 
 
-def build(cfg: RunConfig, *, with_data: bool = True) -> Run:
-    """Seeded construction of data, model and guide; ``run.config`` is ``cfg`` resolved (see RunConfig.resolve)."""
+def build(cfg: RunConfig, *, with_data: bool = True, num_data: int | None = None) -> Run:
+    """Seeded construction of data, model and guide; ``run.config`` is ``cfg`` resolved (see RunConfig.resolve).
+
+    ``with_data=False`` loads no dataset; the model's plate size is then ``num_data`` (the size of the training
+    data you will pass to :func:`~blob_pyro.fit`; 1 if not given).
+    """
     cfg = cfg.resolve()
     set_seed(cfg.fit.seed)
     pyro.clear_param_store()
@@ -159,7 +158,9 @@ def build(cfg: RunConfig, *, with_data: bool = True) -> Run:
         if len(train) < cfg.fit.batch_size:
             raise ConfigError(f"batch_size={cfg.fit.batch_size} is larger than the training split "
                               f"({len(train)} examples)")
-    model = build_model(cfg, num_data=len(train) if train is not None else 1)
+    if train is not None and num_data is not None and num_data != len(train):
+        raise ConfigError(f"num_data={num_data} but the training split has {len(train)} examples")
+    model = build_model(cfg, num_data=len(train) if train is not None else (num_data or 1))
     return Run(cfg, model, _make_guide(cfg, model), train, eval_split)
 
 
@@ -327,7 +328,7 @@ def evaluate(run: Run, data=None, *, num_samples: int | None = None, progress: b
     local = examples[rank::procs]
     if local:
         out = predict(run.model, run.guide, local, **kwargs, progress=progress and rank == 0,
-                      autocast_dtype=autocast_dtype(cfg))
+                      autocast_dtype=cfg.runtime.autocast_dtype())
     else:  # fewer examples than processes
         from .predictive import Prediction
 
@@ -464,7 +465,7 @@ def _train_and_save(run: Run, out: Path, ckpt, *, progress: bool, resuming: bool
                 checkpoint(step, fit_state["optimizer_state"])
 
         try:
-            fit(run.model, run.guide, run.train, cfg.fit, autocast_dtype=autocast_dtype(cfg), progress=progress,
+            fit(run.model, run.guide, run.train, cfg.fit, autocast_dtype=cfg.runtime.autocast_dtype(), progress=progress,
                 start_step=start, state=state, callback=on_step)
         except TrainingError as err:
             if last_saved is not None and "checkpoint" not in str(err):

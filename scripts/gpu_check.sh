@@ -49,18 +49,17 @@ from blob_pyro.infer import fit  # noqa: E402
 from blob_pyro.metrics import compute_metrics  # noqa: E402
 from blob_pyro.poutine import float64_latents  # noqa: E402
 from blob_pyro.predictive import predict  # noqa: E402
-from blob_pyro.training import autocast_dtype, build  # noqa: E402
+from blob_pyro.training import build  # noqa: E402
 
 device, out, steps = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 path = save_tiny_llama(out / "tiny_llama")
 cfg = RunConfig.from_dict(dict(model=str(path), dataset="winogrande_s", device=device, bf16=True,
                                gradient_checkpointing=True, max_length=64, lr=1e-2, kl_schedule="standard",
                                bayesian_factor="B", max_steps=steps, batch_size=8, seed=0))
-run = build(cfg, with_data=False)
 train, test = toy_examples(64, 2, seed=1), toy_examples(32, 2, seed=2)
-run.model.num_data = len(train)  # fit checks the plate size against the data
+run = build(cfg, with_data=False, num_data=len(train))
 t0 = time.perf_counter()
-log = fit(run.model, run.guide, train, run.config.fit, autocast_dtype=autocast_dtype(run.config), progress=False)
+log = fit(run.model, run.guide, train, run.config.fit, autocast_dtype=run.config.runtime.autocast_dtype(), progress=False)
 train_s = time.perf_counter() - t0
 assert all(math.isfinite(r[k]) for r in log for k in ("loss", "nll", "kl")), "non-finite training record"
 first, last = sum(r["nll"] for r in log[:3]) / 3, sum(r["nll"] for r in log[-3:]) / 3
@@ -106,8 +105,7 @@ for bits in ("8bit", "4bit"):
     cfg = RunConfig.from_dict({"model": "minilm", "dataset": "winogrande_s", "head": "sequence_classification",
                                "device": device, "max_length": 128, f"load_in_{bits}": True,
                                "max_steps": 100, "lr": 1e-3})
-    run = build(cfg, with_data=False)
-    run.model.num_data = 640
+    run = build(cfg, with_data=False, num_data=640)
     stepper = make_step(run.model, run.guide, run.config.fit, autocast_dtype=torch.bfloat16)
     batch = synthetic_batch(16, 128, device)
     records = [stepper.step(batch, 1 / 640, 640) for _ in range(5)]

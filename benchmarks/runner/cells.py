@@ -50,14 +50,13 @@ def say(msg: str) -> None:
 def predict_rows(run, data, rows: dict[str, int], progress: bool) -> dict:
     """{row: (Prediction with draws, seconds)} for each number of samples, on one built or loaded run."""
     from blob_pyro.predictive import predict
-    from blob_pyro.training import autocast_dtype
 
     cfg = run.config
     out = {}
     for row, samples in rows.items():
         t0 = time.perf_counter()
         pred = predict(run.model, run.guide, data, **{**cfg.predict.kwargs(), "num_samples": samples},
-                       keep_draws=True, progress=progress, autocast_dtype=autocast_dtype(cfg))
+                       keep_draws=True, progress=progress, autocast_dtype=cfg.runtime.autocast_dtype())
         out[row] = (pred, time.perf_counter() - t0)
     return out
 
@@ -78,7 +77,7 @@ def train_member(cfg: RunConfig, out, rows: dict[str, int], *, progress: bool = 
     would. Returns the metrics.json it wrote (last).
     """
     from blob_pyro.infer import fit
-    from blob_pyro.training import autocast_dtype, build, run_versions, save_run
+    from blob_pyro.training import build, run_versions, save_run
 
     out = Path(out)
     t0 = time.perf_counter()
@@ -89,7 +88,7 @@ def train_member(cfg: RunConfig, out, rows: dict[str, int], *, progress: bool = 
     setup = time.perf_counter() - t0
     with open(out / "train_log.jsonl", "w") as log:
         t1 = time.perf_counter()
-        fit(run.model, run.guide, run.train, cfg.fit, autocast_dtype=autocast_dtype(cfg), progress=progress,
+        fit(run.model, run.guide, run.train, cfg.fit, autocast_dtype=cfg.runtime.autocast_dtype(), progress=progress,
             callback=lambda record, _state: log.write(json.dumps(record) + "\n"))
         train_seconds = time.perf_counter() - t1
     preds = predict_rows(run, run.eval, rows, progress)

@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = _parser().parse_args(argv)
-    from blob_pyro.cli import quiet_library_logs
+    from blob_pyro.logs import quiet_library_logs
 
     quiet_library_logs()
     try:

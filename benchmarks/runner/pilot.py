@@ -50,7 +50,7 @@ def pilot(grid: Grid, *, steps: int = 4, examples: int | None = None, budget_hou
     from blob_pyro.data import load_split
     from blob_pyro.infer import fit
     from blob_pyro.predictive import predict
-    from blob_pyro.training import autocast_dtype, build
+    from blob_pyro.training import build
 
     threads = torch.get_num_threads()
     seeds = len(grid.seeds)
@@ -70,7 +70,7 @@ def pilot(grid: Grid, *, steps: int = 4, examples: int | None = None, budget_hou
             t["build_cpu"], run = _time_build(cfg, timed, build)
             stamps = []  # (cpu, wall) after every step: differences include collating the batch
             short = dataclasses.replace(run.config.fit, max_steps=steps + 1)
-            timed(partial(fit, run.model, run.guide, run.train, short, autocast_dtype=autocast_dtype(run.config),
+            timed(partial(fit, run.model, run.guide, run.train, short, autocast_dtype=run.config.runtime.autocast_dtype(),
                           progress=progress,
                           callback=lambda _r, _s, stamps=stamps: stamps.append((time.process_time(), time.perf_counter()))))
             t[f"step_cpu_{kind}"] = statistics.median(b[0] - a[0] for a, b in zip(stamps, stamps[1:]))
@@ -81,7 +81,7 @@ def pilot(grid: Grid, *, steps: int = 4, examples: int | None = None, budget_hou
                 subset = subset[:: len(subset) // examples][:examples]
             cpu, wall = timed(partial(predict, run.model, run.guide, subset,
                                       **{**run.config.predict.kwargs(), "num_samples": samples},
-                                      progress=progress, autocast_dtype=autocast_dtype(run.config)))
+                                      progress=progress, autocast_dtype=run.config.runtime.autocast_dtype()))
             scale = len(full) / len(subset)
             t[f"pass_cpu_{kind}"], t[f"pass_wall_{kind}"] = cpu * scale, wall * scale
             t["n"] = len(full)

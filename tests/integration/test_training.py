@@ -93,9 +93,8 @@ def test_vanilla_peft_loads_the_posterior_mean_adapter(tiny_run, data_dir, tiny_
 
 def test_tiny_llama_learns_through_the_option_token_path(tiny_llama_dir):
     cfg = _tiny_cfg(tiny_llama_dir, max_steps=40, lr=1e-2, kl_schedule="standard", train_limit=None)
-    run = build(cfg, with_data=False)
     examples = toy_examples(32, 2, seed=1)
-    run.model.num_data = len(examples)  # build(with_data=False) cannot know N
+    run = build(cfg, with_data=False, num_data=len(examples))
     log = fit(run.model, run.guide, examples, dataclasses.replace(run.config.fit, batch_size=8), progress=False)
     first = sum(r["nll"] for r in log[:5]) / 5
     last = sum(r["nll"] for r in log[-5:]) / 5

@@ -18,7 +18,6 @@ from blob_pyro.errors import RunError
 from blob_pyro.predictive import predict
 from blob_pyro.training import (
     _truncate_log,
-    autocast_dtype,
     evaluate,
     guide_state,
     pick_device,
@@ -44,8 +43,8 @@ def test_set_seed_fixes_every_rng():
 
 
 def test_runtime_helpers():
-    assert autocast_dtype(RunConfig.from_dict({"bf16": True})) == torch.bfloat16
-    assert autocast_dtype(RunConfig()) is None
+    assert RunConfig.from_dict({"bf16": True}).runtime.autocast_dtype() == torch.bfloat16
+    assert RunConfig().runtime.autocast_dtype() is None
     assert pick_device("cpu") == torch.device("cpu")
 
 
