@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import builtins
 from pathlib import Path
 
+import pyro
 import torch
+from pyro import poutine
 
 from blob_pyro.data import Example
 
@@ -44,3 +47,69 @@ def toy_examples(n: int = 16, num_classes: int = 2, seed: int = 0) -> list[Examp
         out.append(Example(index=i, prompt=prompt, choices=choices,
                            mc_texts=tuple((q, w) for w in words), label=label))
     return out
+
+
+def hide_bitsandbytes(monkeypatch) -> None:
+    """Make ``import bitsandbytes`` fail for the rest of the test, as on a machine without it."""
+    real = builtins.__import__
+
+    def fake(name, *args, **kwargs):
+        if name == "bitsandbytes" or name.startswith("bitsandbytes."):
+            raise ImportError("No module named 'bitsandbytes'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake)
+
+
+def _grads(model, guide, batch, *, backward_inside: bool) -> dict:
+    """Gradients of every param-store parameter for one ELBO-like loss, with fixed draws and signs."""
+    from blob_pyro.poutine import flipout
+
+    pyro.set_rng_seed(3)
+    with flipout(seed=11):
+        gt = poutine.trace(guide).get_trace(batch)
+        mt = poutine.trace(poutine.replay(model, trace=gt)).get_trace(batch)
+        loss = -mt.nodes["obs"]["fn"].log_prob(batch["labels"]).mean()
+        if backward_inside:  # SVI: backward inside the handler
+            loss.backward()
+    if not backward_inside:  # the paper's step: backward after the handler exited
+        loss.backward()
+    store = pyro.get_param_store()
+    out = {name: p.unconstrained().grad.clone() for name, p in store.items() if p.unconstrained().grad is not None}
+    for p in store.values():
+        p.unconstrained().grad = None
+    return out
+
+
+def checkpointing_gradients(make_model, examples) -> tuple[dict, dict]:
+    """Gradients with gradient checkpointing off and on, and the elements saved for backward in each case.
+
+    ``make_model(checkpointing: bool)`` builds the model; the BLoB guide's parameters are moved off their init so
+    both LoRA factors matter. Returns ``grads[(checkpointing, "inside" | "outside")]`` (backward inside or after the
+    Flipout handler) and ``saved[checkpointing]``.
+    """
+    from blob_pyro.guides import make_guide
+    from blob_pyro.optim import register_parameters
+
+    grads, saved = {}, {}
+    for ckpt in (False, True):
+        pyro.clear_param_store()
+        torch.manual_seed(0)
+        model = make_model(ckpt)
+        guide = make_guide("blob", model)
+        register_parameters(model, guide)
+        with torch.no_grad():
+            for p in pyro.get_param_store().values():
+                p.unconstrained().add_(0.05 * torch.randn_like(p))
+        batch = model.head.collate(examples)
+        sizes = []
+
+        def count(t, sizes=sizes):
+            sizes.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+            grads[ckpt, "inside"] = _grads(model, guide, batch, backward_inside=True)
+        saved[ckpt] = sum(sizes)
+        grads[ckpt, "outside"] = _grads(model, guide, batch, backward_inside=False)
+    return grads, saved

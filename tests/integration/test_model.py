@@ -6,18 +6,15 @@ test_poutine_*.py, test_infer.py.)"""
 
 import math
 
-import pyro
 import pytest
 import torch
-from helpers import toy_examples
+from helpers import checkpointing_gradients, toy_examples
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
 from blob_pyro.config import FitConfig, RunConfig
 from blob_pyro.guides import make_guide
 from blob_pyro.infer import make_step
-from blob_pyro.optim import register_parameters
-from blob_pyro.poutine import flipout
 from blob_pyro.predictive import predict
 from blob_pyro.training import build_model
 
@@ -100,49 +97,12 @@ def test_bf16_cpu_prediction_stays_close_to_float32():
     assert (half.probs - full.probs).abs().max() < 0.02
 
 
-def _grads(model, guide, batch, *, backward_inside: bool):
-    """Gradients of every param-store parameter for one ELBO-like loss, with fixed draws and signs."""
-    pyro.set_rng_seed(3)
-    with flipout(seed=11):
-        gt = poutine.trace(guide).get_trace(batch)
-        mt = poutine.trace(poutine.replay(model, trace=gt)).get_trace(batch)
-        loss = -mt.nodes["obs"]["fn"].log_prob(batch["labels"]).mean()
-        if backward_inside:  # SVI: backward inside the handler
-            loss.backward()
-    if not backward_inside:  # the paper's step: backward after the handler exited
-        loss.backward()
-    store = pyro.get_param_store()
-    out = {name: p.unconstrained().grad.clone() for name, p in store.items() if p.unconstrained().grad is not None}
-    for p in store.values():
-        p.unconstrained().grad = None
-    return out
-
-
 @pytest.mark.parametrize("factor", ["A", "B"])
 def test_gradient_checkpointing_replays_draws_and_signs_through_llama_blocks(tiny_llama_dir, factor):
     """Hugging Face's decoder blocks take keyword arguments and caches; the recomputation must see the forward's
     LoRA draws and Flipout signs (the tiny in-file network checks the mechanism: tests/unit/test_backbone.py)."""
-    grads, saved = {}, {}
-    for ckpt in (False, True):
-        pyro.clear_param_store()
-        torch.manual_seed(0)
-        model = _llama(tiny_llama_dir, factor, gradient_checkpointing=ckpt)
-        guide = make_guide("blob", model)
-        register_parameters(model, guide)
-        with torch.no_grad():  # move every parameter off its init so both LoRA factors matter
-            for p in pyro.get_param_store().values():
-                p.unconstrained().add_(0.05 * torch.randn_like(p))
-        batch = model.head.collate(toy_examples(4))
-        sizes = []
-
-        def count(t, sizes=sizes):
-            sizes.append(t.numel())
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
-            grads[ckpt, "inside"] = _grads(model, guide, batch, backward_inside=True)
-        saved[ckpt] = sum(sizes)
-        grads[ckpt, "outside"] = _grads(model, guide, batch, backward_inside=False)
+    grads, saved = checkpointing_gradients(
+        lambda ckpt: _llama(tiny_llama_dir, factor, gradient_checkpointing=ckpt), toy_examples(4))
     assert saved[True] < saved[False]  # the blocks' activations were not kept
     for where in ("inside", "outside"):
         plain, ckpt = grads[False, where], grads[True, where]

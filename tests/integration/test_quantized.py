@@ -5,13 +5,12 @@ The paper's GPU protocol loads Llama-2-7B in 8-bit; these tests run the same cod
 (load_backbone's one-line error without bitsandbytes: tests/unit/test_backbone.py.)
 """
 
-import builtins
 import json
 import logging
 
 import pytest
 import torch
-from helpers import toy_examples
+from helpers import hide_bitsandbytes, toy_examples
 
 from blob_pyro.backbone import QUANT_SKIP_MODULES, load_backbone
 from blob_pyro.cli import main
@@ -25,19 +24,8 @@ def _bnb():
     return pytest.importorskip("bitsandbytes", reason="8/4-bit backbones need bitsandbytes: pip install -e '.[quant]'")
 
 
-def _hide_bitsandbytes(monkeypatch):
-    real = builtins.__import__
-
-    def fake(name, *args, **kwargs):
-        if name == "bitsandbytes" or name.startswith("bitsandbytes."):
-            raise ImportError("No module named 'bitsandbytes'")
-        return real(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", fake)
-
-
 def test_quantised_training_without_bitsandbytes_is_one_clear_error(monkeypatch, capsys, tmp_path, data_dir):
-    _hide_bitsandbytes(monkeypatch)
+    hide_bitsandbytes(monkeypatch)
     out = tmp_path / "run"
     code = main(["train", "--model", "minilm", "--dataset", "openbookqa", "--data-dir", str(data_dir),
                  "--load-in-8bit", "true", "--device", "cpu", "--output-dir", str(out), "--quiet"])

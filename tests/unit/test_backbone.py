@@ -1,13 +1,11 @@
 """blob_pyro.backbone without downloading a model: aliases and paths, default targets, configuration errors, and
 gradient checkpointing (which replays the forward's LoRA draws and Flipout signs) on the tiny network."""
 
-import builtins
 from types import SimpleNamespace
 
-import pyro
 import pytest
 import torch
-from pyro import poutine
+from helpers import checkpointing_gradients, hide_bitsandbytes
 
 from blob_pyro.backbone import (
     _looks_like_path,
@@ -20,9 +18,6 @@ from blob_pyro.backbone import (
     resolve_model,
 )
 from blob_pyro.errors import ModelError
-from blob_pyro.guides import make_guide
-from blob_pyro.optim import register_parameters
-from blob_pyro.poutine import flipout
 
 from .tiny import TinyNet, tiny_examples, tiny_model
 
@@ -68,14 +63,7 @@ def test_unreadable_model_folder_and_unknown_head(tmp_path, bert_config_dir):
 
 
 def test_quantised_loading_without_bitsandbytes_is_one_clear_error(bert_config_dir, monkeypatch):
-    real = builtins.__import__
-
-    def fake(name, *args, **kwargs):
-        if name == "bitsandbytes" or name.startswith("bitsandbytes."):
-            raise ImportError("No module named 'bitsandbytes'")
-        return real(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", fake)
+    hide_bitsandbytes(monkeypatch)
     with pytest.raises(ModelError) as err:
         load_backbone(str(bert_config_dir), num_classes=4, load_in_8bit=True, device="cpu")
     assert str(err.value) == "8-bit/4-bit loading needs bitsandbytes: pip install 'blob_pyro[quant]'"
@@ -89,50 +77,16 @@ def test_repeated_blocks_are_the_longest_uniform_module_list():
         enable_gradient_checkpointing(torch.nn.Linear(2, 2))
 
 
-def _grads(model, guide, batch, *, backward_inside: bool):
-    """Gradients of every param-store parameter for one ELBO-like loss, with fixed draws and signs."""
-    pyro.set_rng_seed(3)
-    with flipout(seed=11):
-        gt = poutine.trace(guide).get_trace(batch)
-        mt = poutine.trace(poutine.replay(model, trace=gt)).get_trace(batch)
-        loss = -mt.nodes["obs"]["fn"].log_prob(batch["labels"]).mean()
-        if backward_inside:  # SVI: backward inside the handler
-            loss.backward()
-    if not backward_inside:  # the paper's step: backward after the handler exited
-        loss.backward()
-    store = pyro.get_param_store()
-    out = {name: p.unconstrained().grad.clone() for name, p in store.items() if p.unconstrained().grad is not None}
-    for p in store.values():
-        p.unconstrained().grad = None
-    return out
-
-
 @pytest.mark.parametrize("factor", ["A", "B"])
 def test_gradient_checkpointing_replays_draws_and_signs(factor):
-    grads, saved = {}, {}
-    for ckpt in (False, True):
-        pyro.clear_param_store()
+    def make_model(ckpt):
         model = tiny_model(factor, seed=0)
         if ckpt:
             assert enable_gradient_checkpointing(model.network) == 2
             assert enable_gradient_checkpointing(model.network) == 2  # idempotent
-        torch.manual_seed(0)
-        guide = make_guide("blob", model)
-        register_parameters(model, guide)
-        with torch.no_grad():  # move every parameter off its init so both LoRA factors matter
-            for p in pyro.get_param_store().values():
-                p.unconstrained().add_(0.05 * torch.randn_like(p))
-        batch = model.head.collate(tiny_examples(4))
-        sizes = []
+        return model
 
-        def count(t, sizes=sizes):
-            sizes.append(t.numel())
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
-            grads[ckpt, "inside"] = _grads(model, guide, batch, backward_inside=True)
-        saved[ckpt] = sum(sizes)
-        grads[ckpt, "outside"] = _grads(model, guide, batch, backward_inside=False)
+    grads, saved = checkpointing_gradients(make_model, tiny_examples(4))
     assert saved[True] < saved[False]  # the blocks' activations were not kept
     for where in ("inside", "outside"):
         plain, ckpt = grads[False, where], grads[True, where]
