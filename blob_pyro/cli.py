@@ -223,8 +223,14 @@ def _cmd_describe(args) -> int:
 def _cmd_ppc(args) -> int:
     from .ppc import format_table, run_ppc
 
-    result = run_ppc(args.run, dataset=args.dataset, data_dir=args.data_dir, num_samples=args.num_samples,
-                     out_dir=args.out, progress=not args.quiet, seed=args.seed, limit=args.limit)
+    try:
+        result = run_ppc(args.run, dataset=args.dataset, data_dir=args.data_dir, num_samples=args.num_samples,
+                         out_dir=args.out, progress=not args.quiet, seed=args.seed, limit=args.limit)
+    except ImportError as err:  # arviz / matplotlib are the workflow extra, not the core
+        if (err.name or "").split(".")[0] not in ("arviz", "matplotlib", "xarray"):
+            raise
+        raise ConfigError(f"ppc needs the workflow extra ({err.name} is missing): "
+                          f"pip install 'blob_pyro[workflow]'") from err
     print(format_table(result))
     print(f"ppc written to {args.out}")
     return 0

@@ -348,3 +348,23 @@ def test_ppc_script_entry_point_errors(tmp_path, capsys):
     assert "--num-samples must be >= 1" in msg
     assert "required" in error_line(capsys, ["--run", str(tmp_path)], entry=ppc_main, prog="ppc.py")
     assert not (tmp_path / "o").exists()
+
+
+def test_ppc_without_the_workflow_extra_is_one_line(monkeypatch, capsys, tmp_path):
+    import builtins
+    import sys
+
+    real = builtins.__import__
+
+    def fake(name, *args, **kwargs):
+        if name == "arviz" or name.startswith("arviz."):
+            raise ImportError("No module named 'arviz'", name="arviz")
+        return real(name, *args, **kwargs)
+
+    for mod in ("blob_pyro.ppc", "blob_pyro.arviz_io"):
+        monkeypatch.delitem(sys.modules, mod, raising=False)
+    monkeypatch.setattr(builtins, "__import__", fake)
+    code = main(["ppc", "--run", str(tmp_path), "--out", str(tmp_path / "ppc")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "workflow extra" in err and "arviz" in err
+    assert not (tmp_path / "ppc").exists()
