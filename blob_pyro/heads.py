@@ -21,7 +21,7 @@ import torch
 
 from .errors import HeadError
 
-__all__ = ["CausalLMHead", "MultipleChoiceHead", "SequenceClassificationHead", "HEADS", "HeadError"]
+__all__ = ["CausalLMHead", "continuation_token_ids", "MultipleChoiceHead", "SequenceClassificationHead", "HEADS", "HeadError"]
 
 
 def _common(examples, device):
@@ -42,12 +42,43 @@ class _Head:
         return {"kind": self.kind, "num_classes": self.num_classes, "max_length": self.max_length}
 
 
+ANSWER_PROMPT = "Answer:"
+"""What every prompt of :mod:`blob_pyro.data` ends with (BoolQ: ``"Answer (true or false):"``); the option
+tokens are read as the tokenizer continues it."""
+
+
+def continuation_token_ids(tokenizer, words: Sequence[str], prompt: str = ANSWER_PROMPT) -> list[int]:
+    """The single token id each word gets when it follows ``prompt`` after a space (``prompt + " " + word``).
+
+    That is the token a causal LM predicts next: SentencePiece (Llama-2) gives ``"▁A"`` for ``"Answer: A"``,
+    byte-level BPE (Llama-3, Qwen2, SmolLM2, Gemma 3) gives ``"ĠA"``/``" A"`` — not the token of ``"A"`` on its
+    own, which BPE writes without the space. Raises :class:`HeadError` when a word is not exactly one token
+    there, or two words share one.
+    """
+    before = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = []
+    for word in words:
+        after = tokenizer(f"{prompt} {word}", add_special_tokens=False)["input_ids"]
+        rest = after[len(before):]
+        if after[:len(before)] != before or len(rest) != 1:
+            pieces = tokenizer.convert_ids_to_tokens(rest if after[:len(before)] == before else after)
+            raise HeadError(f"option word {word!r} is not one token after {prompt!r} with this tokenizer "
+                            f"(it reads {pieces}); the causal-LM head scores one next token per option")
+        ids.append(rest[0])
+    if len(set(ids)) != len(ids):
+        raise HeadError(f"option words {tuple(words)} map to non-distinct tokens {ids} after {prompt!r} "
+                        f"with this tokenizer")
+    return ids
+
+
 class CausalLMHead(_Head):
     """Score the option words by the causal LM's next-token logits after the prompt.
 
     Fixes over the paper's code: prompts are truncated on the *left* (the official code cut on the
     right and could drop the "Answer:" suffix of long BoolQ passages), and position ids follow the
     attention mask, so left padding does not shift positions.
+    The option tokens are the ones the tokenizer writes for ``"Answer: A"`` after ``"Answer:"``
+    (:func:`continuation_token_ids`), so BPE tokenizers score the space token ``" A"`` as their LM predicts it.
     """
 
     kind = "causal_lm"
@@ -59,10 +90,7 @@ class CausalLMHead(_Head):
         tokenizer.truncation_side = "left"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.bos_token or tokenizer.eos_token
-        ids = [tokenizer(w, add_special_tokens=False)["input_ids"][-1] for w in self.option_words]
-        if len(set(ids)) != len(ids):
-            raise HeadError(f"option words {self.option_words} map to non-distinct tokens {ids} with this tokenizer")
-        self.option_ids = ids
+        self.option_ids = continuation_token_ids(tokenizer, self.option_words)
 
     def collate(self, examples, device=None) -> dict:
         enc = self.tokenizer([e.prompt for e in examples], padding=True, truncation=True,

@@ -85,6 +85,51 @@ def test_option_words_that_share_a_token_are_refused():
     assert "non-distinct" in str(err.value) and isinstance(err.value, ValueError)
 
 
+def _hand_bpe(pre_tokenizer, space: str, words=("A", "B")):
+    """A BPE tokenizer with a hand vocabulary: ``space`` is the pre-tokenizer's space mark ("Ġ" byte-level, "▁"
+    Metaspace); merges build ``space+w`` for each option word w, and ``Answer`` (Metaspace: ``▁Answer``)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    answer = ("▁" if space == "▁" else "") + "Answer"
+    merges = [(space, w) for w in words]
+    merges += [(answer[:i], answer[i]) for i in range(1, len(answer))]
+    chars = sorted(set("".join(words) + answer + ":" + space + "<>pad"))
+    vocab = {"<pad>": 0}
+    for piece in chars + [a + b for a, b in merges]:
+        vocab.setdefault(piece, len(vocab))
+    tok = Tokenizer(models.BPE(vocab, merges))
+    tok.pre_tokenizer = pre_tokenizer
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>")
+
+
+def test_option_tokens_are_the_ones_that_continue_the_prompt():
+    """BPE (Llama-3, Qwen2, SmolLM2, Gemma 3) writes "Answer: A" as ["Answer", ":", "ĠA"]: the head scores "ĠA", not
+    the token of "A" alone (which the paper's code took); SentencePiece writes "▁A" either way."""
+    from tokenizers import pre_tokenizers
+
+    bpe = _hand_bpe(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True), "Ġ")
+    assert bpe.convert_ids_to_tokens(bpe("Answer: A", add_special_tokens=False)["input_ids"]) == ["Answer", ":", "ĠA"]
+    head = CausalLMHead(bpe, ("A", "B"))
+    assert head.option_ids == bpe.convert_tokens_to_ids(["ĠA", "ĠB"])
+    assert head.option_ids[0] != bpe("A", add_special_tokens=False)["input_ids"][-1]  # the old rule's token
+
+    sp = _hand_bpe(pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first"), "▁")
+    assert sp.convert_ids_to_tokens(sp("Answer: A", add_special_tokens=False)["input_ids"]) == ["▁Answer", ":", "▁A"]
+    head = CausalLMHead(sp, ("A", "B"))
+    assert head.option_ids == sp.convert_tokens_to_ids(["▁A", "▁B"])
+    assert head.option_ids == [sp(w, add_special_tokens=False)["input_ids"][-1] for w in "AB"]  # unchanged for SP
+
+
+def test_an_option_that_is_not_one_token_after_the_prompt_is_refused():
+    from tokenizers import pre_tokenizers
+
+    bpe = _hand_bpe(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True), "Ġ")
+    with pytest.raises(HeadError) as err:
+        CausalLMHead(bpe, ("A", "AB"))  # " AB" is ["ĠA", "B"]
+    assert "'AB' is not one token after 'Answer:'" in str(err.value) and "\n" not in str(err.value)
+
+
 def test_multiple_choice_head_encodes_only_present_options():
     """Packing the present options gives the full (B, K) layout's scores, -inf where an option is absent."""
     head = MultipleChoiceHead(word_tokenizer(), num_classes=5, max_length=16)
