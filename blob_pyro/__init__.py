@@ -9,8 +9,8 @@
     print(compute_metrics(out.probs, out.labels))
 
 Where things live: ``model`` (the Pyro model), ``priors``, ``guides``, ``poutine`` (Flipout, KL scaling,
-float64 latents), ``kl`` (KL schedules), ``infer`` (``fit``), ``optim``, ``predictive``, ``metrics``,
-``lora`` (PEFT bridge), ``heads``, ``backbone``, ``data``, ``config`` and ``methods`` (settings),
+float64 latents), ``kl`` (KL schedules), ``infer`` (``fit``), ``optim``, ``predictive``, ``metrics`` and
+``uncertainty`` (scores), ``lora`` (PEFT bridge), ``heads``, ``backbone``, ``data``, ``config`` and ``methods`` (settings),
 ``training`` (run folders), ``checkpoint``, ``io``, ``errors``, ``logs``, ``cli``; the Bayesian workflow in
 ``arviz_io``, ``diagnostics``, ``ppc`` and ``plots`` (the ``workflow`` extra).
 """
@@ -33,6 +33,7 @@ _API = {
     "fit": "infer",
     "predict": "predictive",
     "compute_metrics": "metrics",
+    "uncertainty_metrics": "uncertainty", "ood_auroc": "uncertainty",
     "load_split": "data",
     "build": "training", "evaluate": "training", "load_run": "training", "train_run": "training",
     "resume_run": "training", "save_run": "training",
