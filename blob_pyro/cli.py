@@ -89,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--data-dir", help="local benchmark folder")
     e.add_argument("--num-samples", type=int, help="posterior draws (0 = posterior mean)")
     e.add_argument("--batch-size", type=int, help="evaluation batch size")
+    e.add_argument("--ece-bins", type=int, help="equal-width confidence bins of the ECE (default: the run's, 15)")
     e.add_argument("--output", help="also write the metrics to this JSON file")
     e.add_argument("--trust-remote-code", type=_bool, default=False, metavar="BOOL",
                    help="allow custom model code (never taken from the run folder)")
@@ -128,12 +129,17 @@ def _config_from(args: argparse.Namespace) -> RunConfig:
     return RunConfig.from_dict(overrides)
 
 
+METRICS_TABLE_ROWS = ("accuracy", "ece", "nll", "brier", "entropy", "expected_entropy", "mutual_information", "aurc",
+                      "accuracy_at_80")
+
+
 def metrics_table(metrics: dict) -> str:
-    rows = [("accuracy", "{:.4f}"), ("ece", "{:.4f}"), ("nll", "{:.4f}"), ("brier", "{:.4f}")]
+    """The metrics as ``blob-pyro train`` and ``evaluate`` print them: a header with the split, N, the number of
+    posterior samples and the ECE's bin count, then one line per metric (fractions; entropies in nats)."""
     head = f"{metrics.get('dataset', '?')} / {metrics.get('split', '?')}  (N={metrics.get('num_examples', '?')}, " \
-           f"samples={metrics.get('num_samples', '?')})"
+           f"samples={metrics.get('num_samples', '?')}, ECE bins={metrics.get('ece_bins', '?')})"
     lines = [head, "-" * len(head)]
-    lines += [f"{name:<10}{fmt.format(metrics[name]):>10}" for name, fmt in rows if name in metrics]
+    lines += [f"{name:<20}{metrics[name]:>10.4f}" for name in METRICS_TABLE_ROWS if metrics.get(name) is not None]
     return "\n".join(lines)
 
 
@@ -170,6 +176,8 @@ def _cmd_evaluate(args) -> int:
         raise ConfigError(f"--num-samples must be >= 0; got {args.num_samples}")
     if args.batch_size is not None and args.batch_size <= 0:
         raise ConfigError(f"--batch-size must be > 0; got {args.batch_size}")
+    if args.ece_bins is not None and args.ece_bins <= 0:
+        raise ConfigError(f"--ece-bins must be > 0; got {args.ece_bins}")
     run = load_run(args.run, dataset=args.dataset or None, data_dir=args.data_dir,
                    trust_remote_code=args.trust_remote_code)
     if run.eval is None:
@@ -178,6 +186,8 @@ def _cmd_evaluate(args) -> int:
         run.eval = load_split(run.config.dataset, "eval", run.config.data_dir, limit=run.config.eval_limit)
     if args.batch_size:
         run.config.predict.eval_batch_size = args.batch_size
+    if args.ece_bins:
+        run.config.predict.ece_bins = args.ece_bins
     metrics = evaluate(run, num_samples=args.num_samples, progress=not args.quiet)
     print(metrics_table(metrics))
     if args.output:
@@ -210,7 +220,7 @@ def describe_text(cfg: RunConfig) -> str:
               f"  frozen (backbone)            {counts['frozen']:>12,}",
               f"  deterministic (trained)      {counts['deterministic']:>12,}",
               f"  variational (guide)          {counts['variational']:>12,}"]
-    if model.head.kind != "causal_lm":
+    if model.head.kind in ("multiple_choice", "sequence_classification"):
         lines.append("  note: the classifier head is newly initialised and trained as a deterministic parameter")
     return "\n".join(lines)
 

@@ -112,6 +112,7 @@ class PredictConfig:
                                           "point estimates 0)", unset=10)
     eval_batch_size: int = _f(32, "batch size at prediction")
     sample_batched: bool = _f(False, "evaluate all draws in one forward by repeating the batch (needs Flipout)")
+    ece_bins: int = _f(15, "equal-width confidence bins of the ECE (15 as in BLoB); every metrics table prints it")
 
     def kwargs(self) -> dict:
         """The keyword arguments of :func:`blob_pyro.predict` these settings stand for."""
@@ -153,11 +154,16 @@ class RunConfig:
     data_dir: Optional[str] = _f(None, "local benchmark folder laid out like shared/data (default: $BLOB_DATA_DIR, "
                                        "else the hub)")
     head: str = _f("auto", "how logits are read: auto | " + " | ".join(HEADS), choices=("auto",) + tuple(HEADS))
+    cloze_norm: str = _f("none", "head cloze only: divide each option's summed log-probability by none | chars (its "
+                                 "text's length, lm-evaluation-harness acc_norm) | tokens", choices=HEADS["cloze"].NORMS)
     max_length: int = _f(256, "max tokens per sequence")
     train_limit: Optional[int] = _f(None, "use only the first N training examples")
     eval_limit: Optional[int] = _f(None, "evaluate on the first N examples only")
-    method: str = _f("blob", "blob | mle (plain LoRA) | map | mcdropout | bbb: a preset of the settings it implies "
-                             "(docs/methods.md)", choices=tuple(METHODS))
+    method: str = _f("blob", "blob | mle (plain LoRA) | map | mcdropout | bbb | ensemble | temperature: a preset of "
+                             "the settings it implies (docs/methods.md)", choices=tuple(METHODS))
+    ensemble_size: Optional[int] = _f(None, "method=ensemble: number K >= 2 of mle members (default 3)")
+    calibration_fraction: Optional[float] = _f(None, "method=temperature: share of the training split held out "
+                                                     "(chosen by the seed, not trained on) to fit T (default 0.1)")
     preset: Optional[str] = _f(None, "'paper': the official optimisation (A factor, AdamW on NLL + SGD on KL)",
                                choices=(None, *PRESETS))
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -238,7 +244,7 @@ class RunConfig:
             if v is not None and (not math.isfinite(v) or v <= 0):
                 raise ConfigError(f"{name} must be a finite number > 0; got {v!r}")
         for name in ("max_steps", "batch_size", "lora_r", "eval_batch_size", "max_length", "guide_rank",
-                     "num_particles"):
+                     "num_particles", "ece_bins"):
             if int(self.get(name)) <= 0:
                 raise ConfigError(f"{name} must be > 0; got {self.get(name)}")
         for name in ("num_samples", "checkpoint_every", "train_limit", "eval_limit"):

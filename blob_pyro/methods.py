@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from .errors import ConfigError
 
-__all__ = ["Method", "METHODS", "PRESETS", "apply_method", "BBB_INIT_SCALE"]
+__all__ = ["Method", "METHODS", "PRESETS", "OWN_SETTINGS", "apply_method", "BBB_INIT_SCALE"]
 
 BBB_INIT_SCALE = 0.1
 """Initial std of every AutoNormal scale for ``method=bbb`` (Pyro's AutoNormal default); the guide's initial
@@ -49,7 +49,17 @@ METHODS = {
     "bbb": Method("bbb", "Bayes-by-backprop on both factors: AutoNormal at a standard initial scale, standard ELBO",
                   requires={"guide": "auto_normal", "bayesian_factor": "both", "kl_schedule": "standard"},
                   defaults={"eps": math.sqrt(BBB_INIT_SCALE)}),
+    "ensemble": Method("ensemble", "deep ensemble: ensemble_size mle runs with seeds seed + 1000 j, their "
+                                   "probabilities averaged (blob_pyro.ensemble)",
+                       requires={"guide": "auto_delta", **_NO_KL}, defaults={"num_samples": 0, "ensemble_size": 3}),
+    "temperature": Method("temperature", "mle, then one temperature T fitted by NLL on a held-out slice of the "
+                                         "training split, dividing the logits at prediction (blob_pyro.temperature)",
+                          requires={"guide": "auto_delta", **_NO_KL},
+                          defaults={"num_samples": 0, "calibration_fraction": 0.1}),
 }
+
+OWN_SETTINGS = {"ensemble_size": "ensemble", "calibration_fraction": "temperature"}
+"""Settings that only one method reads: given with another method they are refused rather than ignored."""
 
 PRESETS = {
     "paper": Method("paper", "the official optimisation: Bayesian A, BLoB guide and KL re-weighting, AdamW on the "
@@ -88,7 +98,15 @@ def apply_method(flat: dict, method: str, preset: str | None = None) -> dict:
         raise ConfigError(f"preset={preset} is BLoB's optimisation; it cannot be combined with method={method}")
     if preset is not None:
         _apply(out, PRESETS[preset], f"preset={preset}")
+    for key, owner in OWN_SETTINGS.items():
+        if out.get(key) is not None and method != owner:
+            raise ConfigError(f"{key} is a setting of method={owner}; got method={method}")
     _apply(out, METHODS[method], f"method={method}")
+    if method == "ensemble" and out["ensemble_size"] < 2:
+        raise ConfigError(f"method=ensemble needs ensemble_size >= 2; got ensemble_size={out['ensemble_size']}")
+    if method == "temperature" and not 0 < out["calibration_fraction"] < 1:
+        raise ConfigError(f"method=temperature holds out a share 0 < calibration_fraction < 1 of the training split; "
+                          f"got calibration_fraction={out['calibration_fraction']}")
     if method == "mcdropout" and not out.get("lora_dropout"):
         raise ConfigError("method=mcdropout needs lora_dropout > 0; got lora_dropout=0")
     if out.get("objective") == "paper" and out.get("guide") not in (None, "blob"):

@@ -52,6 +52,7 @@ class BlobModel(torch.nn.Module):
         self.prior = prior if prior is not None else NormalPrior(0.2)
         self.num_data = int(num_data)
         self.flipout = flipout
+        self.temperature = 1.0  # logits / T in the likelihood; method=temperature fits T after training
         self.sites: list[LoraSite] = []
         for path, layer in lora_layers(network).items():
             for factor in BAYESIAN_FACTORS[bayesian_factor]:
@@ -73,6 +74,8 @@ class BlobModel(torch.nn.Module):
         draws = self.latents()
         with bind_values(self.sites, draws):
             logits = self.head.logits(self.network, batch)  # (B, K)
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
         labels = batch.get("labels")
         size = max(self.num_data, logits.shape[0])
         with pyro.plate("data", size=size, subsample=torch.arange(logits.shape[0], device=logits.device)):

@@ -244,7 +244,14 @@ def _score(run_dir, dataset, data_dir, num_samples, seed, limit, progress):
         warnings.simplefilter("ignore", FutureWarning)  # deprecation notes from transformers on load
         run = load_run(run_dir)
         run.eval = split
-        idata = to_inference_data(run, data=split, num_samples=num_samples, seed=seed, limit=limit,
-                                  train_log=Path(run_dir) / "train_log.jsonl", progress=progress)
+        if run.members:  # method=ensemble: the members are the posterior draws (draw s = member s mod K)
+            from .ensemble import ensemble_draws
+
+            idata = ensemble_draws(run.members, list(split.examples)[:limit], num_samples=num_samples, seed=seed,
+                                   batch_size=cfg.predict.eval_batch_size, progress=progress,
+                                   attrs={"dataset": split.dataset, "split": split.split})
+        else:
+            idata = to_inference_data(run, data=split, num_samples=num_samples, seed=seed, limit=limit,
+                                      train_log=Path(run_dir) / "train_log.jsonl", progress=progress)
     info = {"run": str(run_dir), "dataset": split.dataset, "split": split.split, "source": split.source}
     return idata, info

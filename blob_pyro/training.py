@@ -16,6 +16,8 @@ A run directory::
     checkpoint.safetensors    resumable training state (--checkpoint-every K, Ctrl-C; see blob_pyro.checkpoint)
     adapter/                  vanilla PEFT adapter holding the posterior mean (PeftModel.from_pretrained)
     posterior.safetensors     the guide's variational parameters
+    temperature.json          method=temperature: the fitted T and the held-out training examples it was fitted on
+    member0/ ... member<K-1>/ method=ensemble: one run folder per member (predictions.safetensors: their average)
     metrics.json              accuracy, ece, nll, brier + dataset, split, num_samples
 """
 
@@ -40,14 +42,15 @@ from .config import RunConfig
 from .data import dataset_info, load_split
 from .errors import ConfigError, HeadError, RunError, TrainingError
 from .guides import make_guide
-from .heads import CausalLMHead, MultipleChoiceHead, SequenceClassificationHead
+from .heads import CausalLMHead, ClozeHead, MultipleChoiceHead, SequenceClassificationHead
 from .io import atomic_dir, atomic_save_safetensors, atomic_write_text
 from .lora import attach_variants, inject_lora
 from .model import BlobModel
 from .optim import register_parameters
 from .priors import make_prior
 
-__all__ = ["Run", "build", "evaluate", "build_model", "retarget_head", "train_run", "resume_run", "TrainingInterrupted",
+__all__ = ["Run", "build", "post_fit", "evaluate", "output_problem",
+           "build_model", "retarget_head", "train_run", "resume_run", "TrainingInterrupted",
            "load_run", "save_run", "read_run_config", "run_versions", "set_seed", "pick_device"]
 
 
@@ -60,6 +63,9 @@ class Run:
     guide: object
     train: object = None
     eval: object = None
+    held_out: object = None  # method=temperature: the training examples held out to fit T (never trained on)
+    calibration: dict | None = None  # method=temperature: what temperature.json holds (T, the held-out slice)
+    members: list | None = None  # method=ensemble: the members' Runs (model and guide are then None)
 
 
 def set_seed(seed: int) -> None:
@@ -76,9 +82,11 @@ def pick_device(name: str) -> torch.device:
     return device_for(name)
 
 
-def _make_head(kind: str, tokenizer, num_classes: int, option_words, max_length: int):
+def _make_head(kind: str, tokenizer, num_classes: int, option_words, max_length: int, cloze_norm: str = "none"):
     if kind == "causal_lm":
         return CausalLMHead(tokenizer, option_words, max_length)
+    if kind == "cloze":
+        return ClozeHead(tokenizer, num_classes, max_length, norm=cloze_norm)
     if kind == "multiple_choice":
         return MultipleChoiceHead(tokenizer, num_classes, max_length)
     return SequenceClassificationHead(tokenizer, num_classes, max_length)
@@ -86,7 +94,7 @@ def _make_head(kind: str, tokenizer, num_classes: int, option_words, max_length:
 
 def build_model(cfg: RunConfig, *, num_data: int = 1, adapter_dir: str | os.PathLike | None = None) -> BlobModel:
     """The Pyro model for a resolved ``cfg`` (fresh LoRA, or the adapter in ``adapter_dir``)."""
-    from .backbone import default_targets, load_backbone
+    from .backbone import ENCODER_HEADS, default_targets, load_backbone
 
     ad, bayes, rt = cfg.adapter, cfg.bayes, cfg.runtime
     num_classes, option_words = dataset_info(cfg.dataset)
@@ -96,7 +104,7 @@ def build_model(cfg: RunConfig, *, num_data: int = 1, adapter_dir: str | os.Path
         cfg.model, num_classes=num_classes, head=cfg.head, trust_remote_code=rt.trust_remote_code,
         load_in_8bit=rt.load_in_8bit, load_in_4bit=rt.load_in_4bit, device=device if quantised else None)
     targets = list(ad.target_modules) if ad.target_modules else default_targets(hf_model.config)
-    modules_to_save = ["classifier"] if kind != "causal_lm" else None
+    modules_to_save = ["classifier"] if kind in ENCODER_HEADS else None
     if adapter_dir is None:
         network = inject_lora(hf_model, targets, r=ad.lora_r, lora_alpha=ad.lora_alpha,
                               lora_dropout=ad.lora_dropout, modules_to_save=modules_to_save)
@@ -115,7 +123,7 @@ def build_model(cfg: RunConfig, *, num_data: int = 1, adapter_dir: str | os.Path
         from .backbone import enable_gradient_checkpointing
 
         enable_gradient_checkpointing(network)
-    head = _make_head(kind, tokenizer, num_classes, option_words, cfg.max_length)
+    head = _make_head(kind, tokenizer, num_classes, option_words, cfg.max_length, cfg.cloze_norm)
     prior = make_prior(bayes.prior, bayes.prior_scale, **({"df": bayes.prior_df} if bayes.prior == "student_t" else {}))
     return BlobModel(network, head, bayesian_factor=bayes.bayesian_factor, prior=prior, num_data=num_data,
                      flipout=bayes.flipout_per if bayes.flipout else None)
@@ -134,7 +142,8 @@ def retarget_head(model: BlobModel, dataset: str) -> None:
         if head.num_classes != num_classes:
             raise HeadError(f"a {head.num_classes}-way classifier head cannot score {dataset} ({num_classes} options)")
         return
-    model.head = _make_head(head.kind, head.tokenizer, num_classes, option_words, head.max_length)
+    model.head = _make_head(head.kind, head.tokenizer, num_classes, option_words, head.max_length,
+                            getattr(head, "norm", "none"))
 
 
 def _make_guide(cfg: RunConfig, model: BlobModel):
@@ -151,17 +160,37 @@ def build(cfg: RunConfig, *, with_data: bool = True, num_data: int | None = None
     cfg = cfg.resolve()
     set_seed(cfg.fit.seed)
     pyro.clear_param_store()
-    train = eval_split = None
+    train = eval_split = held_out = None
     if with_data:
         train = load_split(cfg.dataset, "train", cfg.data_dir, limit=cfg.train_limit)
         eval_split = load_split(cfg.dataset, "eval", cfg.data_dir, limit=cfg.eval_limit)
+        if cfg.method == "temperature":  # the held-out slice leaves the training data before anything sees it
+            from .temperature import calibration_split
+
+            train, held_out = calibration_split(train, cfg.calibration_fraction, cfg.fit.seed)
         if len(train) < cfg.fit.batch_size:
             raise ConfigError(f"batch_size={cfg.fit.batch_size} is larger than the training split "
                               f"({len(train)} examples)")
     if train is not None and num_data is not None and num_data != len(train):
         raise ConfigError(f"num_data={num_data} but the training split has {len(train)} examples")
     model = build_model(cfg, num_data=len(train) if train is not None else (num_data or 1))
-    return Run(cfg, model, _make_guide(cfg, model), train, eval_split)
+    return Run(cfg, model, _make_guide(cfg, model), train, eval_split, held_out)
+
+
+def post_fit(run: Run) -> None:
+    """The post-hoc step of a method, after :func:`~blob_pyro.infer.fit` and before prediction (a no-op for most).
+
+    ``method=temperature``: fit T on ``run.held_out`` (:func:`blob_pyro.temperature.calibrate`), set
+    ``run.model.temperature`` and ``run.calibration``.
+    """
+    if run.config.method != "temperature":
+        return
+    from .temperature import calibrate
+
+    if run.held_out is None:
+        raise ConfigError("method=temperature needs the held-out training slice; build the run with its data")
+    run.calibration = calibrate(run.model, run.guide, run.held_out, batch_size=run.config.predict.eval_batch_size,
+                                autocast_dtype=run.config.runtime.autocast_dtype())
 
 
 # ---- files ---------------------------------------------------------------------------------
@@ -211,6 +240,10 @@ def save_run(out_dir, run: Run, *, metrics: dict | None = None) -> None:
     meta = {"guide": type(guide).__name__, "bayesian_factor": model.bayesian_factor,
             "sites": json.dumps([s.name for s in model.sites])}
     atomic_save_safetensors(out / "posterior.safetensors", guide_state(guide), metadata=meta)
+    if run.calibration is not None:
+        from .temperature import TEMPERATURE_FILE
+
+        atomic_write_text(out / TEMPERATURE_FILE, json.dumps(run.calibration, indent=2) + "\n")
     if metrics is not None:
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
 
@@ -247,6 +280,11 @@ def load_run(run_dir, *, dataset: str | None = None, data_dir: str | None = None
 
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
+    if cfg.method == "ensemble":
+        from .ensemble import load_ensemble
+
+        return load_ensemble(run_dir, dataset=dataset, data_dir=data_dir, device=device,
+                             trust_remote_code=trust_remote_code)
     cfg.runtime.trust_remote_code = trust_remote_code
     if device is not None:
         cfg.runtime.device = device
@@ -276,12 +314,31 @@ def load_run(run_dir, *, dataset: str | None = None, data_dir: str | None = None
                        f"{cfg.bayes.bayesian_factor}): missing {sorted(missing)[:1]}, unexpected {sorted(extra)[:1]}")
     device_ = next(model.network.parameters()).device
     guide.load_state_dict({k: v.to(device_) for k, v in state.items()})
+    calibration = _read_temperature(run_dir) if cfg.method == "temperature" else None
+    if calibration is not None:
+        model.temperature = calibration["temperature"]
     eval_split = None
     if dataset is not None or data_dir is not None:
         eval_split = load_split(dataset or cfg.dataset, "eval", data_dir or cfg.data_dir, limit=cfg.eval_limit)
     if dataset is not None and dataset != cfg.dataset:
         retarget_head(model, dataset)
-    return Run(cfg, model, guide, None, eval_split)
+    return Run(cfg, model, guide, None, eval_split, calibration=calibration)
+
+
+def _read_temperature(run_dir: Path) -> dict:
+    from .temperature import TEMPERATURE_FILE
+
+    path = run_dir / TEMPERATURE_FILE
+    try:
+        record = json.loads(path.read_text())
+        t = float(record["temperature"])
+    except FileNotFoundError as err:
+        raise RunError(f"{path} is missing: a method=temperature run keeps its fitted T there") from err
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
+        raise RunError(f"{path} does not hold a temperature: {err}") from err
+    if not (t > 0 and t < float("inf")):
+        raise RunError(f"{path}: temperature must be a finite number > 0; got {t}")
+    return record
 
 
 def _check_adapter(adapter: Path, cfg: RunConfig) -> None:
@@ -312,10 +369,15 @@ def evaluate(run: Run, data=None, *, num_samples: int | None = None, progress: b
 
     Under several processes each one predicts every K-th example and the predictions are gathered, so
     every process returns the metrics of the whole split.
+
+    Returns accuracy, ece (over ``cfg.predict.ece_bins`` bins), nll, brier (:func:`~blob_pyro.metrics.compute_metrics`)
+    and, from the same per-draw predictions, entropy, expected_entropy, mutual_information, aurc and accuracy_at_80
+    (:func:`~blob_pyro.uncertainty.uncertainty_metrics`), with dataset, split, num_samples, num_examples, ece_bins.
     """
     from . import distributed
     from .metrics import compute_metrics
     from .predictive import predict
+    from .uncertainty import uncertainty_metrics
 
     cfg = run.config
     data = data if data is not None else run.eval
@@ -326,22 +388,35 @@ def evaluate(run: Run, data=None, *, num_samples: int | None = None, progress: b
     examples = list(getattr(data, "examples", data))
     procs, rank = distributed.world_size(), distributed.rank()
     local = examples[rank::procs]
-    if local:
-        out = predict(run.model, run.guide, local, **kwargs, progress=progress and rank == 0,
+    if local and run.members:  # method=ensemble: the members' probabilities averaged
+        from .ensemble import predict_members
+
+        out = predict_members(run.members, local, **kwargs, progress=progress and rank == 0)
+    elif local:
+        out = predict(run.model, run.guide, local, **kwargs, progress=progress and rank == 0, keep_draws=True,
                       autocast_dtype=cfg.runtime.autocast_dtype())
     else:  # fewer examples than processes
         from .predictive import Prediction
 
-        out = Prediction(torch.empty(0, run.model.head.num_classes), torch.empty(0, dtype=torch.long))
+        head = (run.members[0] if run.members else run).model.head
+        out = Prediction(torch.empty(0, head.num_classes), torch.empty(0, dtype=torch.long))
     if procs > 1:
-        parts = distributed.gather_objects((out.probs.cpu(), out.labels.cpu()))
+        parts = distributed.gather_objects((out.probs.cpu(), out.labels.cpu(), out.logits))
         probs = torch.empty(len(examples), out.probs.shape[-1], dtype=out.probs.dtype)
         labels = torch.empty(len(examples), dtype=out.labels.dtype)
-        for r, (p, y) in enumerate(parts):
+        draws = next((d for _, _, d in parts if d is not None), None)
+        logits = None if draws is None else torch.empty(draws.shape[0], len(examples), draws.shape[-1])
+        for r, (p, y, d) in enumerate(parts):
             probs[r::procs], labels[r::procs] = p, y
-        out.probs, out.labels = probs, labels
-    metrics = compute_metrics(out.probs, out.labels)
-    metrics.update(dataset=data.dataset, split=data.split, num_samples=s, num_examples=len(data))
+            if logits is not None and d is not None:
+                logits[:, r::procs] = d
+        out.probs, out.labels, out.logits = probs, labels, logits
+    bins = cfg.predict.ece_bins
+    metrics = compute_metrics(out.probs, out.labels, n_bins=bins)
+    # the draws predict computed anyway: (S, N, K) probabilities (without them, the average is one draw)
+    draws = torch.softmax(out.logits.float(), dim=-1) if out.logits is not None else out.probs
+    metrics.update(uncertainty_metrics(draws, out.labels))
+    metrics.update(dataset=data.dataset, split=data.split, num_samples=s, num_examples=len(data), ece_bins=bins)
     return metrics
 
 
@@ -357,16 +432,14 @@ def train_run(cfg: RunConfig, out_dir, *, progress: bool = True, overwrite: bool
     """
     from . import distributed
 
+    if cfg.resolve().method == "ensemble":  # K member runs in sub-folders, then their average
+        from .ensemble import train_ensemble
+
+        return train_ensemble(cfg, out_dir, progress=progress, overwrite=overwrite)
     distributed.init_from_env(cfg.runtime.device)
     main = distributed.is_main()
     out = Path(out_dir)
-    problem = None
-    if main and out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not overwrite:
-            problem = f"output folder {out} exists and is not empty (pass --overwrite to replace it)"
-        elif not (out / "config.json").is_file():
-            problem = (f"output folder {out} is not a blob_pyro run folder (no config.json); "
-                       f"refusing to delete it even with --overwrite")
+    problem = output_problem(out, overwrite) if main else None
     problem = distributed.broadcast_object(problem)
     if problem:
         raise RunError(problem)
@@ -382,6 +455,17 @@ def train_run(cfg: RunConfig, out_dir, *, progress: bool = True, overwrite: bool
     return _train_and_save(run, out, None, progress=progress)
 
 
+def output_problem(out: Path, overwrite: bool) -> str | None:
+    """Why ``out`` cannot become a new run folder (None if it can): non-empty without ``overwrite``, or not a run."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            return f"output folder {out} exists and is not empty (pass --overwrite to replace it)"
+        if not (out / "config.json").is_file():
+            return (f"output folder {out} is not a blob_pyro run folder (no config.json); "
+                    f"refusing to delete it even with --overwrite")
+    return None
+
+
 def resume_run(out_dir, *, progress: bool = True, trust_remote_code: bool = False) -> dict:
     """Continue the run in ``out_dir`` from its last checkpoint (from step 0 if it has none); returns the metrics.
 
@@ -393,6 +477,10 @@ def resume_run(out_dir, *, progress: bool = True, trust_remote_code: bool = Fals
 
     out = Path(out_dir)
     cfg = read_run_config(out)
+    if cfg.method == "ensemble":  # finished members are kept, an interrupted one resumes, missing ones train
+        from .ensemble import train_ensemble
+
+        return train_ensemble(cfg, out, progress=progress, resume=True, trust_remote_code=trust_remote_code)
     distributed.init_from_env(cfg.runtime.device)
     cfg.runtime.trust_remote_code = trust_remote_code  # never taken from a file
     if (out / "metrics.json").is_file():
@@ -473,6 +561,7 @@ def _train_and_save(run: Run, out: Path, ckpt, *, progress: bool, resuming: bool
             raise
         if distributed.any_true(stop.signum is not None) and last_state:  # the signal came after the last step
             stop_now(last_state["step"], last_state["optimizer_state"])
+    post_fit(run)
     metrics = evaluate(run, progress=progress)
     if main:
         save_run(out, run, metrics=metrics)

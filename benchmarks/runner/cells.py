@@ -9,11 +9,13 @@ gains a ``bench`` section; metrics.json is written last.
 
 The entries (the methods' semantics are :data:`blob_pyro.methods.METHODS`, docs/methods.md):
 
-- ``mle``, ``map``, ``mcdropout``, ``bbb``, ``blob``: one run; ``blob`` by default predicts two rows from the
-  same trained run, ``blob`` (``num_samples`` draws) and ``blob_mean`` (N = 0, the posterior mean).
+- ``mle``, ``map``, ``mcdropout``, ``bbb``, ``temperature``, ``blob``: one run (``temperature`` fits T after
+  training, :func:`blob_pyro.training.post_fit`); ``blob`` by default predicts two rows from the same trained
+  run, ``blob`` (``num_samples`` draws) and ``blob_mean`` (N = 0, the posterior mean).
 - ``ensemble``: ``members`` (the grid's ``ensemble_size``, 3) independent ``member_method`` (``mle``) runs with
-  seeds ``seed + 1000·j``; row ``ensemble`` averages the members' probabilities, row ``ensemble_logitavg``
-  averages their logits and then applies the softmax (what the official ``deepensemble`` wrapper does).
+  seeds ``seed + 1000·j`` (:func:`blob_pyro.ensemble.member_seed`); row ``ensemble`` averages the members'
+  probabilities, row ``ensemble_logitavg`` averages their logits and then applies the softmax (what the official
+  ``deepensemble`` wrapper does); both rules are :func:`blob_pyro.ensemble.ensemble_average`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import time
 from pathlib import Path
 
 from blob_pyro.config import RunConfig
+from blob_pyro.ensemble import ensemble_average
 
 from .files import (
     METRICS,
@@ -77,7 +80,7 @@ def train_member(cfg: RunConfig, out, rows: dict[str, int], *, progress: bool = 
     would. Returns the metrics.json it wrote (last).
     """
     from blob_pyro.infer import fit
-    from blob_pyro.training import build, run_versions, save_run
+    from blob_pyro.training import build, post_fit, run_versions, save_run
 
     out = Path(out)
     t0 = time.perf_counter()
@@ -90,6 +93,7 @@ def train_member(cfg: RunConfig, out, rows: dict[str, int], *, progress: bool = 
         t1 = time.perf_counter()
         fit(run.model, run.guide, run.train, cfg.fit, autocast_dtype=cfg.runtime.autocast_dtype(), progress=progress,
             callback=lambda record, _state: log.write(json.dumps(record) + "\n"))
+        post_fit(run)  # a method's post-hoc step (temperature: T on the held-out training slice)
         train_seconds = time.perf_counter() - t1
     preds = predict_rows(run, run.eval, rows, progress)
     save_run(out, run)
@@ -126,18 +130,7 @@ def _add_rows(run_dir: Path, cfg: RunConfig, rows: dict[str, int], progress: boo
     return metrics
 
 
-# ---- ensembles ------------------------------------------------------------------------------------
-def ensemble_average(probs: list, logits: list | None = None) -> tuple:
-    """(probability average, softmax of the logit average) of K members' (N, K) probs / (S, N, K) logits."""
-    import torch
-
-    p = torch.stack([x.float() for x in probs]).mean(0)
-    if logits is None:
-        return p, None
-    mean_logits = torch.stack([x.float().mean(0) for x in logits]).mean(0)
-    return p, torch.softmax(mean_logits, dim=-1)
-
-
+# ---- ensembles (the seeds and the averages are blob_pyro.ensemble's) ---------------------------------
 def _combine_members(entry: Entry, member_preds: list, member_seconds: list, data_info: dict) -> tuple[dict, dict]:
     """Ensemble rows from the members' ("member") predictions: ({row: metrics}, {row: (probs, None)})."""
     import torch

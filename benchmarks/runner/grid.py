@@ -39,14 +39,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from blob_pyro.config import RunConfig, read_config_file
+from blob_pyro.ensemble import ENSEMBLE_SEED_STRIDE, member_seed
 from blob_pyro.errors import BlobPyroError, ConfigError
 from blob_pyro.methods import METHODS, PRESETS
 
 __all__ = ["BenchError", "Entry", "Grid", "Cell", "load_grid", "cells_of", "run_config", "BENCH_METHODS",
            "ENSEMBLE_SEED_STRIDE"]
 
-BENCH_METHODS = tuple(METHODS) + ("ensemble",)
-ENSEMBLE_SEED_STRIDE = 1000
+BENCH_METHODS = tuple(METHODS)  # "ensemble" is a cell of member runs here, as in blob_pyro.ensemble
 _GRID_KEYS = ("name", "output_dir", "base", "methods", "variants", "datasets", "seeds", "ensemble_size",
               "ood_datasets", "description")
 _ENTRY_KEYS = ("name", "method", "overrides", "predict", "members", "member_method")
@@ -141,7 +141,7 @@ class Cell:
             return [run_config(base, e.overrides, method=e.method, dataset=self.dataset, seed=self.seed,
                                where=self.label)]
         return [run_config(base, e.overrides, method=e.member_method, dataset=self.dataset,
-                           seed=self.seed + ENSEMBLE_SEED_STRIDE * j, where=self.label)
+                           seed=member_seed(self.seed, j), where=self.label)
                 for j in range(e.members)]
 
     def member_rows(self, cfg: RunConfig) -> dict[str, int]:

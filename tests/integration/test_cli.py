@@ -127,6 +127,26 @@ def test_train_and_evaluate_end_to_end(tiny_llama_dir, data_dir, tmp_path):
     assert m0["num_samples"] == 0 and m0["split"] == "dev"
 
 
+def test_evaluate_prints_and_writes_the_uncertainty_metrics(tiny_run, tmp_path, capsys):
+    trained = json.loads((tiny_run / "metrics.json").read_text())  # train writes them too, with the bin count
+    assert trained["ece_bins"] == 15 and trained["mutual_information"] >= 0
+    names = ("entropy", "expected_entropy", "mutual_information", "aurc", "accuracy_at_80")
+    for samples in ("2", "0"):
+        out_file = tmp_path / f"m{samples}.json"
+        assert main(["evaluate", "--run", str(tiny_run), "--num-samples", samples, "--ece-bins", "5",
+                     "--output", str(out_file), "--quiet"]) == 0
+        printed = capsys.readouterr().out.splitlines()
+        assert printed[0].endswith(f"(N=4, samples={samples}, ECE bins=5)")
+        m = json.loads(out_file.read_text())
+        assert m["ece_bins"] == 5 and m["num_examples"] == 4
+        for name in ("accuracy", "ece", "nll", "brier") + names:
+            assert any(line.split()[:2] == [name, f"{m[name]:.4f}"] for line in printed), (name, printed)
+        assert 0 <= m["expected_entropy"] <= m["entropy"] <= 0.6932 and 0 <= m["aurc"] <= 1
+        assert m["mutual_information"] == pytest.approx(m["entropy"] - m["expected_entropy"], abs=1e-9)
+        if samples == "0":  # the posterior mean is one draw: no epistemic part
+            assert m["mutual_information"] == 0.0
+
+
 def test_overwrite_replaces_a_run_folder(tiny_run, tmp_path):
     run = copy_run(tiny_run, tmp_path)
     (run / "stale.txt").write_text("old")

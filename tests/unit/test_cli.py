@@ -115,10 +115,27 @@ def test_argument_errors_are_one_line(capsys, argv, needle):
 
 def test_metrics_table():
     table = metrics_table({"dataset": "arc_easy", "split": "dev", "num_examples": 570, "num_samples": 10,
-                           "accuracy": 0.5, "ece": 0.125, "nll": 0.75, "brier": 0.5})
+                           "ece_bins": 15, "accuracy": 0.5, "ece": 0.125, "nll": 0.75, "brier": 0.5, "entropy": 0.625,
+                           "expected_entropy": 0.5, "mutual_information": 0.125, "aurc": 0.25, "accuracy_at_80": 0.5625})
     lines = table.splitlines()
-    assert lines[0] == "arc_easy / dev  (N=570, samples=10)" and set(lines[1]) == {"-"}
-    assert lines[2:] == ["accuracy      0.5000", "ece           0.1250", "nll           0.7500", "brier         0.5000"]
+    assert lines[0] == "arc_easy / dev  (N=570, samples=10, ECE bins=15)" and set(lines[1]) == {"-"}
+    assert lines[2:] == ["accuracy                0.5000", "ece                     0.1250", "nll                     0.7500",
+                         "brier                   0.5000", "entropy                 0.6250",
+                         "expected_entropy        0.5000", "mutual_information      0.1250",
+                         "aurc                    0.2500", "accuracy_at_80          0.5625"]
+
+
+def test_metrics_table_of_an_old_metrics_json_prints_what_it_has():
+    lines = metrics_table({"dataset": "arc_easy", "accuracy": 0.5, "ece": 0.125}).splitlines()
+    assert lines[0].endswith("ECE bins=?)") and len(lines) == 4
+
+
+def test_ece_bins_must_be_positive(tmp_path, capsys):
+    assert main(["evaluate", "--run", str(tmp_path), "--ece-bins", "0"]) == 2
+    assert "--ece-bins must be > 0" in capsys.readouterr().err
+    assert main(["train", "--model", "minilm", "--dataset", "arc_easy", "--output-dir", str(tmp_path / "o"),
+                 "--ece-bins", "0"]) == 2
+    assert "ece_bins must be > 0" in capsys.readouterr().err
 
 
 # ---- settings ------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 
 from blob_pyro.data import Example
 from blob_pyro.errors import HeadError
-from blob_pyro.heads import HEADS, CausalLMHead, MultipleChoiceHead, SequenceClassificationHead
+from blob_pyro.heads import HEADS, CausalLMHead, ClozeHead, MultipleChoiceHead, SequenceClassificationHead
 
 from .tiny import word_tokenizer
 
@@ -162,4 +162,76 @@ def test_sequence_classification_head():
 
     out = head.logits(network, batch)
     assert out.shape == (2, 2) and out.dtype == torch.float32
-    assert set(HEADS) == {"causal_lm", "multiple_choice", "sequence_classification"}
+    assert set(HEADS) == {"causal_lm", "cloze", "multiple_choice", "sequence_classification"}
+
+
+class TinyCausalLM(torch.nn.Module):
+    """Stand-in causal LM: the logits at a position read its token and its position id (nothing else), so a score
+    computed on a padded row equals the one on the row alone exactly when padding and positions are right."""
+
+    def __init__(self, vocab=64):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(vocab, 8)
+        self.pos = torch.nn.Embedding(64, 8)
+        self.out = torch.nn.Linear(8, vocab)
+        self.calls = []
+
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep=0):
+        self.calls.append((tuple(input_ids.shape), logits_to_keep))
+        logits = self.out(torch.tanh(self.emb(input_ids) + self.pos(position_ids)))
+        return SimpleNamespace(logits=logits[:, -logits_to_keep:])
+
+
+def _cloze_by_hand(net, tok, question, text, prefix):
+    """Σ log p(option tokens) on the unpadded row [prefix] + context + option, positions 0..n-1."""
+    context = f"Question: {question}\nAnswer:"
+    ctx = tok(context, add_special_tokens=False)["input_ids"]
+    cont = tok(f"{context} {text}", add_special_tokens=False)["input_ids"][len(ctx):]
+    ids = torch.tensor([prefix + ctx + cont])
+    logp = torch.log_softmax(net(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None]).logits[0], -1)
+    n = ids.shape[1]
+    return sum(logp[n - len(cont) - 1 + t, cont[t]] for t in range(len(cont))), len(cont)
+
+
+@pytest.mark.parametrize("norm", ["none", "chars", "tokens"])
+def test_cloze_head_scores_each_option_text_after_its_question(norm):
+    tok = word_tokenizer()
+    head = ClozeHead(tok, num_classes=5, max_length=32, norm=norm)
+    assert head.prefix_ids == [tok.cls_token_id]  # what the tokenizer puts first ([CLS] here, BOS for Llama)
+    examples = _examples(counts=(3, 5))
+    examples[1] = Example(1, "", ("red", "blue green", "black", "white", "red red red"),
+                          tuple(("which colour is blue ?", w) for w in ("red", "blue green", "black", "white",
+                                                                       "red red red")), label=1)
+    batch = head.collate(examples)
+    assert batch["input_ids"].shape[:2] == (2, 5) and batch["choice_mask"].tolist() == [[1, 1, 1, 0, 0], [1] * 5]
+    assert all(v.shape[0] == 2 for v in batch.values())  # example first: sample-batched prediction repeats rows
+    net = TinyCausalLM()
+    scores = head.logits(net, batch)
+    assert scores.shape == (2, 5) and scores.dtype == torch.float32
+    assert torch.isinf(scores[0, 3:]).all() and (scores[0, 3:] < 0).all()
+    assert net.calls == [((8, batch["input_ids"].shape[-1]), 4)]  # 8 present rows; longest option is 3 tokens
+    for b, e in enumerate(examples):
+        for j, (question, text) in enumerate(e.mc_texts):
+            total, n = _cloze_by_hand(net, tok, question, text, head.prefix_ids)
+            divisor = {"none": 1.0, "chars": len(text), "tokens": n}[norm]
+            torch.testing.assert_close(scores[b, j], (total / divisor).detach())
+    scores[batch["choice_mask"]].sum().backward()  # gradients reach the network through the scatter
+    assert net.out.weight.grad.abs().sum() > 0
+    assert head.to_config() == {"kind": "cloze", "num_classes": 5, "max_length": 32, "norm": norm}
+    assert "cloze" in HEADS
+
+
+def test_cloze_head_refusals():
+    tok = word_tokenizer()
+    with pytest.raises(HeadError, match="cloze norm"):
+        ClozeHead(tok, 2, norm="bytes")
+    winogrande = Example(0, "", ("red", "blue"), (("the red one", None), ("the blue one", None)), 0)
+    with pytest.raises(HeadError, match="fill a blank inside the sentence; use head causal_lm"):
+        ClozeHead(tok, 2).collate([winogrande])
+    with pytest.raises(HeadError, match="option 'red red red red' is 4 tokens after its question; .* 1 to 3"):
+        ClozeHead(tok, 5, max_length=5).collate([Example(0, "", ("red red red red",), (("q", "red red red red"),), 0)])
+    # a long question is cut on the left; the prefix and the option survive
+    head = ClozeHead(tok, 2, max_length=6)
+    batch = head.collate([Example(0, "", ("red", "blue"), (("the colour is red", "red"), ("the colour is red", "blue")), 0)])
+    assert tok.convert_ids_to_tokens(batch["input_ids"][0, 1].tolist()) == ["[CLS]", "colour", "is", "red", "[UNK]", "blue"]

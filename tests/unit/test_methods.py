@@ -49,6 +49,8 @@ def _one_line(excinfo) -> str:
     ("mcdropout", "auto_delta", "B", ("fixed", 0.0), 10, 0.1, 0.05),
     ("bbb", "auto_normal", "both", ("standard", 1.0), 10, 0.0, math.sqrt(BBB_INIT_SCALE)),
     ("blob", "blob", "B", ("blob", 1.0), 10, 0.0, 0.05),
+    ("ensemble", "auto_delta", "B", ("fixed", 0.0), 0, 0.0, 0.05),
+    ("temperature", "auto_delta", "B", ("fixed", 0.0), 0, 0.0, 0.05),
 ])
 def test_every_method_resolves_to_its_settings(method, guide, factor, kl, samples, dropout, eps):
     cfg = _resolve(method=method)
@@ -57,7 +59,7 @@ def test_every_method_resolves_to_its_settings(method, guide, factor, kl, sample
     assert (cfg.predict.num_samples, cfg.adapter.lora_dropout, b.eps) == (samples, dropout, pytest.approx(eps))
     assert (cfg.fit.objective, b.prior) == ("elbo", "normal")
     assert cfg.resolve() == cfg  # idempotent: a saved resolved config reloads unchanged
-    assert set(METHODS) == {"blob", "mle", "map", "mcdropout", "bbb"}
+    assert set(METHODS) == {"blob", "mle", "map", "mcdropout", "bbb", "ensemble", "temperature"}
 
 
 def test_the_paper_preset_resolves_to_the_official_optimisation():
@@ -116,12 +118,12 @@ def test_mcdropout_refuses_zero_dropout():
 
 
 def test_unknown_method_or_preset_names_the_choices():
-    with pytest.raises(ConfigError, match="blob, mle, map, mcdropout, bbb"):
-        apply_method({}, "ensemble")
+    with pytest.raises(ConfigError, match="blob, mle, map, mcdropout, bbb, ensemble, temperature"):
+        apply_method({}, "swag")
     with pytest.raises(ConfigError, match="choose one of paper"):
         apply_method({}, "blob", "fast")
     with pytest.raises(ConfigError, match="method must be one of"):
-        _resolve(method="ensemble")
+        _resolve(method="swag")
 
 
 def test_apply_method_returns_a_new_dict():

@@ -121,11 +121,39 @@ def test_save_run_files_round_trip_the_posterior_and_the_adapter(tmp_path, guide
 def test_evaluate_predicts_with_the_runs_settings(tmp_path):
     run = _trained_tiny()
     metrics = evaluate(run, progress=False)
-    assert set(metrics) == {"accuracy", "ece", "nll", "brier", "dataset", "split", "num_samples", "num_examples"}
-    assert (metrics["dataset"], metrics["split"], metrics["num_samples"], metrics["num_examples"]) == \
-        ("tiny", "dev", 3, 10)
+    assert set(metrics) == {"accuracy", "ece", "nll", "brier", "dataset", "split", "num_samples", "num_examples",
+                            "ece_bins", "entropy", "expected_entropy", "mutual_information", "aurc", "accuracy_at_80"}
+    assert (metrics["dataset"], metrics["split"], metrics["num_samples"], metrics["num_examples"],
+            metrics["ece_bins"]) == ("tiny", "dev", 3, 10, 15)
+    assert metrics["mutual_information"] > 0
     mean = evaluate(run, num_samples=0, progress=False)
     assert mean["num_samples"] == 0 and evaluate(run, num_samples=0, progress=False) == mean
+    assert mean["mutual_information"] == 0.0  # one draw: no epistemic part
+
+
+def test_evaluate_scores_the_draws_of_its_one_prediction(monkeypatch):
+    import blob_pyro.predictive as predictive
+    from blob_pyro.metrics import compute_metrics
+    from blob_pyro.uncertainty import uncertainty_metrics
+
+    run = _trained_tiny()
+    run.config.predict.ece_bins = 4
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(predictive.predict.__wrapped_predict__(*args, **kwargs))
+        return seen[-1]
+
+    spy.__wrapped_predict__ = predictive.predict
+    monkeypatch.setattr(predictive, "predict", spy)
+    metrics = evaluate(run, progress=False)
+    assert len(seen) == 1 and seen[0].logits.shape == (3, 10, 2)  # no extra forward pass for the new metrics
+    out = seen[0]
+    assert {k: metrics[k] for k in ("accuracy", "ece", "nll", "brier")} == compute_metrics(out.probs, out.labels,
+                                                                                            n_bins=4)
+    assert metrics["ece_bins"] == 4
+    assert {k: metrics[k] for k in uncertainty_metrics(out.probs, out.labels)} == \
+        uncertainty_metrics(torch.softmax(out.logits, -1), out.labels)
 
 
 def test_resume_drops_log_lines_after_the_checkpoint_and_half_written_ones(tmp_path):
