@@ -32,6 +32,7 @@ from .metrics import _check_inputs, reliability_bins
 
 __all__ = [
     "reliability_diagram",
+    "risk_coverage_plot",
     "confidence_histogram",
     "plot_training_trace",
     "plot_posterior_std",
@@ -43,6 +44,7 @@ __all__ = [
 ]
 
 _DIAGONAL_GID = "blob_pyro-perfect-calibration"
+_ORACLE_GID = "blob_pyro-oracle-risk"
 _FACTOR_COLORS = {"lora_A": "tab:blue", "lora_B": "tab:orange"}
 
 
@@ -140,6 +142,43 @@ def reliability_diagram(probs, labels, n_bins: int = 15, ax=None, band=None, lab
     ax.set_ylabel("accuracy")
     if not ax.get_title():
         ax.set_title(f"Reliability diagram, ECE = {ece:.4f} ({100 * ece:.2f}%)")
+    ax.legend(loc="upper left", fontsize="small", framealpha=0.9)
+    return ax
+
+
+def risk_coverage_plot(probs, labels, ax=None, label=None, confidence=None):
+    """Risk–coverage curve of selective prediction: the error rate among the most confident answers vs their share.
+
+    Args:
+        probs, labels: ``(N, K)`` predictive probabilities and ``(N,)`` labels.
+        ax: Axes to draw into (a new figure when ``None``); call again with the same ``ax`` to overlay runs.
+        label: legend name; the entry reads ``"<label> (AURC x.xxx)"``.
+        confidence: ``(N,)`` ranking score (default ``max p``); see :func:`blob_pyro.uncertainty.risk_coverage_curve`
+            for the treatment of ties.
+
+    The first call on an Axes also draws the best curve these errors allow (every right answer first, dotted) and
+    a vertical line at 80 % coverage, where ``accuracy_at_80`` is read. Returns the Axes.
+    """
+    from .uncertainty import aurc, risk_coverage_curve
+
+    coverage, risk = risk_coverage_curve(probs, labels, confidence)
+    value = aurc(probs, labels, confidence)
+    ax = _new_ax(ax, figsize=(5.0, 4.0))
+    if not any(line.get_gid() == _ORACLE_GID for line in ax.lines):
+        n = coverage.shape[0]
+        errors = float(risk[-1]) * n
+        answered = np.arange(1, n + 1)
+        ax.plot(coverage.numpy(), np.clip(answered - (n - errors), 0, None) / answered, ":", color="gray", lw=1,
+                label="best ranking", gid=_ORACLE_GID)
+        ax.axvline(0.8, color="gray", lw=0.6, ls="--")
+    name = f"{label} (AURC {value:.3f})" if label else f"AURC {value:.3f}"
+    ax.plot(coverage.numpy(), risk.numpy(), "-", lw=1.5, label=name)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("coverage (share answered, most confident first)")
+    ax.set_ylabel("risk (error rate among answered)")
+    if not ax.get_title():
+        ax.set_title(f"Risk–coverage, AURC = {value:.4f}")
     ax.legend(loc="upper left", fontsize="small", framealpha=0.9)
     return ax
 

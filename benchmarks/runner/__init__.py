@@ -48,7 +48,7 @@ _API = {
     "BenchError": "grid", "Entry": "grid", "Grid": "grid", "Cell": "grid", "load_grid": "grid", "cells_of": "grid",
     "run_config": "grid", "BENCH_METHODS": "grid",
     "train_member": "cells", "run_cell": "cells", "run_ood": "cells", "available_ood": "cells",
-    "ensemble_average": "cells", "METRIC_NAMES": "cells",
+    "ensemble_average": "cells", "METRIC_NAMES": "cells", "UNCERTAINTY_NAMES": "cells",
     "PREDICTIONS": "files", "METRICS": "files", "is_finished": "files", "is_complete": "files",
     "run_grid": "run",
     "CSV_COLUMNS": "report", "collect_rows": "report", "markdown_table": "report", "targets_markdown": "report",

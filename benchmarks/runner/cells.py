@@ -3,7 +3,8 @@
 A cell's run is a regular run folder (:func:`blob_pyro.training.load_run` reads it). It trains through
 :func:`blob_pyro.infer.fit` with the run's ``cfg.fit``, the training log written by fit's ``callback``, and
 predicts each result row with :func:`blob_pyro.predict` (``cfg.predict`` with that row's number of samples),
-keeping the per-draw logits for the ensemble's logit average and the reliability diagrams. Besides the
+keeping the per-draw logits for the ensemble's logit average, the uncertainty metrics (entropy, mutual
+information, AURC; :mod:`blob_pyro.uncertainty`), the OOD AUROCs of the report and the reliability diagrams. Besides the
 files :func:`~blob_pyro.training.train_run` writes it holds predictions.safetensors, and metrics.json
 gains a ``bench`` section; metrics.json is written last.
 
@@ -41,9 +42,11 @@ from .files import (
 from .grid import BenchError, Cell, Entry, Grid
 
 __all__ = ["train_member", "run_cell", "run_ood", "available_ood", "ensemble_average", "predict_rows",
-           "METRIC_NAMES"]
+           "METRIC_NAMES", "UNCERTAINTY_NAMES"]
 
 METRIC_NAMES = ("accuracy", "ece", "nll", "brier")
+# blob_pyro.uncertainty.UNCERTAINTY_METRICS: absent from rows predicted before they were reported
+UNCERTAINTY_NAMES = ("entropy", "expected_entropy", "mutual_information", "aurc", "accuracy_at_80")
 
 
 def say(msg: str) -> None:
@@ -64,12 +67,18 @@ def predict_rows(run, data, rows: dict[str, int], progress: bool) -> dict:
     return out
 
 
-def _row_metrics(probs, labels, samples, seconds, data) -> dict:
-    from blob_pyro.metrics import compute_metrics
+def _row_metrics(probs, labels, samples, seconds, data, logits=None, bins: int = 15) -> dict:
+    """A result row's metrics: :func:`~blob_pyro.metrics.compute_metrics` of ``probs`` (N, K) with ``bins`` ECE bins
+    and :func:`~blob_pyro.uncertainty.uncertainty_metrics` of the draws ``softmax(logits)`` (S, N, K)."""
+    import torch
 
-    m = compute_metrics(probs, labels)
+    from blob_pyro.metrics import compute_metrics
+    from blob_pyro.uncertainty import uncertainty_metrics
+
+    m = compute_metrics(probs, labels, n_bins=bins)
+    m.update(uncertainty_metrics(torch.softmax(logits.float(), -1) if logits is not None else probs, labels))
     m.update(num_samples=samples, num_examples=int(labels.shape[0]), eval_seconds=seconds,
-             dataset=getattr(data, "dataset", None), split=getattr(data, "split", None))
+             dataset=getattr(data, "dataset", None), split=getattr(data, "split", None), ece_bins=bins)
     return m
 
 
@@ -99,11 +108,12 @@ def train_member(cfg: RunConfig, out, rows: dict[str, int], *, progress: bool = 
     save_run(out, run)
     labels = next(iter(preds.values()))[0].labels
     save_predictions(out / PREDICTIONS, labels, {r: (p.probs, p.logits) for r, (p, _) in preds.items()})
-    row_metrics = {r: _row_metrics(p.probs, p.labels, rows[r], s, run.eval) for r, (p, s) in preds.items()}
+    row_metrics = {r: _row_metrics(p.probs, p.labels, rows[r], s, run.eval, p.logits, cfg.predict.ece_bins)
+                   for r, (p, s) in preds.items()}
     first = row_metrics[next(iter(rows))]
-    metrics = {k: first[k] for k in METRIC_NAMES}
+    metrics = {k: first[k] for k in METRIC_NAMES + UNCERTAINTY_NAMES}
     metrics.update(dataset=run.eval.dataset, split=run.eval.split, num_samples=first["num_samples"],
-                   num_examples=first["num_examples"],
+                   num_examples=first["num_examples"], ece_bins=first["ece_bins"],
                    bench={"rows": row_metrics, "train_seconds": train_seconds, "setup_seconds": setup})
     write_json(out / METRICS, metrics)
     return metrics
@@ -125,14 +135,19 @@ def _add_rows(run_dir: Path, cfg: RunConfig, rows: dict[str, int], progress: boo
     labels, old = load_predictions(run_dir / PREDICTIONS)
     old.update({r: (p.probs, p.logits) for r, (p, _) in preds.items()})
     save_predictions(run_dir / PREDICTIONS, labels, old)
-    have.update({r: _row_metrics(p.probs, p.labels, missing[r], s, split) for r, (p, s) in preds.items()})
+    have.update({r: _row_metrics(p.probs, p.labels, missing[r], s, split, p.logits, cfg.predict.ece_bins)
+                 for r, (p, s) in preds.items()})
     write_json(run_dir / METRICS, metrics)
     return metrics
 
 
 # ---- ensembles (the seeds and the averages are blob_pyro.ensemble's) ---------------------------------
-def _combine_members(entry: Entry, member_preds: list, member_seconds: list, data_info: dict) -> tuple[dict, dict]:
-    """Ensemble rows from the members' ("member") predictions: ({row: metrics}, {row: (probs, None)})."""
+def _combine_members(entry: Entry, member_preds: list, member_seconds: list, data_info: dict,
+                     bins: int = 15) -> tuple[dict, dict]:
+    """Ensemble rows from the members' ("member") predictions: ({row: metrics}, {row: (probs, draws' logits)}).
+
+    Row ``probs``: the members are the draws, kept as their log-probabilities (M, N, K); row ``logits``: one
+    draw, the log of its probabilities (1, N, K)."""
     import torch
 
     labels = member_preds[0][0]
@@ -147,8 +162,9 @@ def _combine_members(entry: Entry, member_preds: list, member_seconds: list, dat
         p = p_avg if rule == "probs" else p_logit
         if p is None:
             raise BenchError(f"{entry.name}: members saved no logits, cannot average them")
-        kept[row] = (p, None)
-        m = _row_metrics(p, labels, None, sum(member_seconds), None)
+        draws = torch.stack([x.float() for x in probs]) if rule == "probs" else p.unsqueeze(0)
+        kept[row] = (p, draws.log())  # softmax(log p) = p: each draw's probabilities
+        m = _row_metrics(p, labels, None, sum(member_seconds), None, kept[row][1], bins)
         m.update(data_info, members=len(member_preds), rule=rule)
         metrics[row] = m
     return metrics, kept
@@ -183,11 +199,12 @@ def run_cell(cell: Cell, grid: Grid, *, progress: bool = True) -> dict:
         member_preds.append(load_predictions(d / PREDICTIONS))
     info = {"dataset": member_metrics[0]["dataset"], "split": member_metrics[0]["split"]}
     seconds = [m["bench"]["rows"]["member"]["eval_seconds"] for m in member_metrics]
-    rows, kept = _combine_members(cell.entry, member_preds, seconds, info)
+    rows, kept = _combine_members(cell.entry, member_preds, seconds, info, configs[0].predict.ece_bins)
     save_predictions(cell.dir / PREDICTIONS, member_preds[0][0], kept)
     first = rows[next(iter(rows))]
-    metrics = {k: first[k] for k in METRIC_NAMES}
-    metrics.update(info, num_examples=first["num_examples"], members=[d.name for d in cell.member_dirs()],
+    metrics = {k: first[k] for k in METRIC_NAMES + UNCERTAINTY_NAMES}
+    metrics.update(info, num_examples=first["num_examples"], ece_bins=first["ece_bins"],
+                   members=[d.name for d in cell.member_dirs()],
                    bench={"rows": rows, "train_seconds": sum(m["bench"]["train_seconds"] for m in member_metrics),
                           "setup_seconds": sum(m["bench"]["setup_seconds"] for m in member_metrics)})
     write_json(cell.dir / METRICS, metrics)
@@ -239,7 +256,8 @@ def _ood_member(run_dir: Path, cfg: RunConfig, datasets: list[str], rows: dict, 
         labels, old = load_predictions(pred_path) if have else (next(iter(preds.values()))[0].labels, {})
         old.update({r: (p.probs, p.logits) for r, (p, _) in preds.items()})
         save_predictions(pred_path, labels, old)
-        have.update({r: _row_metrics(p.probs, p.labels, missing[r], s, split) for r, (p, s) in preds.items()})
+        have.update({r: _row_metrics(p.probs, p.labels, missing[r], s, split, p.logits, cfg.predict.ece_bins)
+                     for r, (p, s) in preds.items()})
         write_json(json_path, {"rows": have})
 
 
@@ -257,7 +275,7 @@ def run_ood(cell: Cell, grid: Grid, datasets: list[str], *, progress: bool = Tru
         member_preds = [load_predictions(m / "ood" / f"{d}.safetensors") for m in cell.member_dirs()]
         seconds = [json.loads((m / "ood" / f"{d}.json").read_text())["rows"]["member"]["eval_seconds"]
                    for m in cell.member_dirs()]
-        rows, kept = _combine_members(cell.entry, member_preds, seconds, {"dataset": d})
+        rows, kept = _combine_members(cell.entry, member_preds, seconds, {"dataset": d}, configs[0].predict.ece_bins)
         target.parent.mkdir(exist_ok=True)
         save_predictions(cell.dir / "ood" / f"{d}.safetensors", member_preds[0][0], kept)
         write_json(target, {"rows": rows})

@@ -3,8 +3,11 @@
 ::
 
     <name>/results.csv                       one row per (result row, train dataset, eval dataset, seed)
-    <name>/results.md                        mean ± std over seeds: ACC and ECE ×100, NLL, Brier, times
+    <name>/results.md                        mean ± std over seeds: ACC and ECE ×100, NLL, Brier, the uncertainty
+                                             metrics, OOD-detection AUROCs (OOD grids), times
     <name>/plots/reliability_<dataset>__<row>.png   reliability diagram, seeds pooled
+    <name>/plots/risk_coverage_<dataset>__<row>.png risk–coverage curve beside it, seeds pooled
+    <name>/plots/risk_coverage_<dataset>.png        every row's risk–coverage curve on one plot
     <name>/plots/metrics_<dataset>.png       ACC / ECE / NLL bar chart per dataset
 """
 
@@ -17,20 +20,27 @@ from pathlib import Path
 
 from blob_pyro.io import atomic_write_text
 
-from .cells import METRIC_NAMES, available_ood
+from .cells import METRIC_NAMES, UNCERTAINTY_NAMES, available_ood
 from .files import METRICS, is_finished, load_predictions, predictions_path
 from .grid import Grid, cells_of, run_config
 
-__all__ = ["CSV_COLUMNS", "collect_rows", "write_csv", "summarize", "markdown_table", "results_markdown",
+__all__ = ["CSV_COLUMNS", "AUROC_COLUMNS", "collect_rows", "write_csv", "summarize", "markdown_table", "results_markdown",
            "targets_markdown", "write_plots", "write_metric_charts", "report", "seed_key"]
 
 CSV_COLUMNS = ("method", "entry", "trained_as", "dataset", "eval_dataset", "seed", "num_samples", "accuracy", "ece",
                "nll", "brier", "confidence", "num_examples", "train_seconds", "eval_seconds", "setup_seconds", "max_steps",
-               "batch_size", "run_dir")
+               "batch_size", "run_dir", "ece_bins") + UNCERTAINTY_NAMES + ("auroc_max_prob", "auroc_entropy",
+                                                                           "auroc_mutual_information")
+# an OOD row's AUROC of telling its examples from the cell's own dev split, per score (blob_pyro.uncertainty.ood_auroc)
+AUROC_COLUMNS = {"max_prob": "auroc_max_prob", "entropy": "auroc_entropy", "mutual_information": "auroc_mutual_information"}
 
 
 def collect_rows(grid: Grid, ood: list[str] | None = None) -> list[dict]:
-    """One dict per result row of every finished cell (in-distribution and OOD), in grid order."""
+    """One dict per result row of every finished cell (in-distribution and OOD), in grid order.
+
+    A row predicted before a metric was reported (an old cell) has ``None`` for it; an OOD row has the AUROCs of
+    telling its predictions from the same row's on the cell's dev split when both prediction files exist.
+    """
     ood = list(ood or [])
     out = []
     cache: dict = {}
@@ -57,8 +67,45 @@ def collect_rows(grid: Grid, ood: list[str] | None = None) -> list[dict]:
                 out.append({**common, "method": row, "eval_dataset": eval_dataset,
                             "num_samples": m.get("num_samples"), "num_examples": m.get("num_examples"),
                             "eval_seconds": m.get("eval_seconds"), **{k: m[k] for k in METRIC_NAMES},
-                            "confidence": _mean_confidence(cell.dir, eval_dataset, cell.dataset, row, cache)})
+                            **{k: m.get(k) for k in UNCERTAINTY_NAMES + ("ece_bins",)},
+                            "confidence": _mean_confidence(cell.dir, eval_dataset, cell.dataset, row, cache),
+                            **_ood_aurocs(cell.dir, cell.dataset, eval_dataset, row, cache)})
     return out
+
+
+def _saved(run_dir: Path, dataset: str, eval_dataset: str, cache: dict) -> dict:
+    """{row: (probs, logits or None)} of a cell's saved predictions on ``eval_dataset`` ({} if gone), cached."""
+    path = predictions_path(run_dir, dataset, eval_dataset)
+    if path not in cache:
+        cache[path] = load_predictions(path)[1] if path.is_file() else {}
+    return cache[path]
+
+
+def _ood_aurocs(run_dir: Path, dataset: str, eval_dataset: str, row: str, cache: dict) -> dict:
+    """AUROC columns of an OOD row: in-distribution = the row's dev predictions, positives = its shifted ones.
+
+    The mutual information's AUROC needs both sides' per-draw logits (absent for rows saved before they were kept:
+    None there); the other two scores read the averaged probabilities.
+    """
+    import torch
+
+    from blob_pyro.uncertainty import ood_auroc
+
+    empty = dict.fromkeys(AUROC_COLUMNS.values())
+    if eval_dataset == dataset:
+        return empty
+    dev, shifted = _saved(run_dir, dataset, dataset, cache).get(row), _saved(run_dir, dataset, eval_dataset, cache).get(row)
+    if dev is None or shifted is None:
+        return empty
+
+    def draws(saved):
+        probs, logits = saved
+        return torch.softmax(logits.float(), -1) if logits is not None else probs.float()
+
+    got = ood_auroc(draws(dev), draws(shifted))
+    if dev[1] is None or shifted[1] is None:
+        got["mutual_information"] = None
+    return {AUROC_COLUMNS[k]: v for k, v in got.items()}
 
 
 def _mean_confidence(run_dir: Path, eval_dataset: str, dataset: str, row: str, cache: dict) -> float | None:
@@ -66,12 +113,10 @@ def _mean_confidence(run_dir: Path, eval_dataset: str, dataset: str, row: str, c
 
     Read next to ACC it says which way a miscalibration goes: above ACC over-confident, below under-confident.
     """
-    path = predictions_path(run_dir, dataset, eval_dataset)
-    if path not in cache:
-        cache[path] = load_predictions(path)[1] if path.is_file() else {}
-    if row not in cache[path]:
+    saved = _saved(run_dir, dataset, eval_dataset, cache)
+    if row not in saved:
         return None
-    return float(cache[path][row][0].float().max(-1).values.mean())
+    return float(saved[row][0].float().max(-1).values.mean())
 
 
 def write_csv(grid: Grid, rows: list[dict]) -> Path:
@@ -111,8 +156,9 @@ def summarize(rows: list[dict]) -> tuple[list[str], list[str], dict]:
             names.append(r["method"])
         if col not in cols:
             cols.append(col)
-        slot = cells.setdefault((r["method"], col),
-                                {k: [] for k in METRIC_NAMES + ("confidence", "train_seconds", "eval_seconds")})
+        slot = cells.setdefault((r["method"], col), {k: [] for k in METRIC_NAMES + ("confidence", "train_seconds",
+                                                                                   "eval_seconds") + UNCERTAINTY_NAMES
+                                                      + tuple(AUROC_COLUMNS.values())})
         for k in slot:
             if r.get(k) is not None:
                 slot[k].append(float(r[k]))
@@ -148,14 +194,17 @@ def markdown_table(rows: list[dict], metric: str, *, scale: float = 1.0, digits:
 def results_markdown(grid: Grid, rows: list[dict], skipped_ood: list[str] = ()) -> str:
     seeds = sorted({r["seed"] for r in rows})
     cfg0 = run_config(grid.base, {}, method="blob", dataset=grid.datasets[0], seed=0, where=f"{grid.source} base")
+    bins = sorted({int(float(r["ece_bins"])) for r in rows if r.get("ece_bins") not in (None, "")}) or \
+        [cfg0.predict.ece_bins]
     lines = [f"# {grid.name}", "",
              f"Grid `{grid.source}`: backbone `{cfg0.model}`, {cfg0.fit.max_steps} steps × batch {cfg0.fit.batch_size}, "
              f"seeds {seeds}, {cfg0.predict.num_samples} samples for the stochastic methods; mean ± sample std "
              f"over seeds (a cell with fewer seeds than the others says how many). ACC and ECE in % (×100, as "
-             f"the paper), NLL and Brier as is.", ""]
+             f"the paper), NLL and Brier as is; ECE bins: {', '.join(map(str, bins))}.", ""]
     for title, metric, scale, digits in (("ACC (%) ↑", "accuracy", 100, 2), ("ECE (%) ↓", "ece", 100, 2),
                                          ("NLL ↓", "nll", 1, 3), ("Brier ↓", "brier", 1, 3)):
         lines += [f"## {title}", "", markdown_table(rows, metric, scale=scale, digits=digits), ""]
+    lines += uncertainty_markdown(rows)
     lines += ["## Mean confidence (%)", "", "Mean top-label probability: above ACC means over-confident, below "
               "under-confident.", "", markdown_table(rows, "confidence", scale=100, digits=2), ""]
     first_rows = {e.name: next(iter(e.predict)) for e in grid.entries}
@@ -172,6 +221,32 @@ def results_markdown(grid: Grid, rows: list[dict], skipped_ood: list[str] = ()) 
     for msg in skipped_ood:
         lines.append(f"- {msg}")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def uncertainty_markdown(rows: list[dict]) -> list[str]:
+    """The uncertainty tables (docs/metrics.md): the entropy split, selective prediction, and on an OOD grid the
+    AUROC of telling each shifted dataset from the dev split. A table no row has a value for is left out (results
+    of cells predicted before these metrics were reported)."""
+    def has(metric, subset):
+        return any(r.get(metric) not in (None, "") for r in subset)
+
+    lines = []
+    tables = (("Predictive entropy (nats)", "entropy", 1, 3), ("Expected entropy (nats, aleatoric)", "expected_entropy",
+                                                                1, 3),
+              ("Mutual information (nats, epistemic; 0 for point estimates)", "mutual_information", 1, 4),
+              ("AURC (%) ↓", "aurc", 100, 2), ("Accuracy at 80 % coverage (%) ↑", "accuracy_at_80", 100, 2))
+    for title, metric, scale, digits in tables:
+        if has(metric, rows):
+            lines += [f"## {title}", "", markdown_table(rows, metric, scale=scale, digits=digits), ""]
+    shifted = [r for r in rows if r["eval_dataset"] != r["dataset"]]
+    aurocs = [(score, col) for score, col in AUROC_COLUMNS.items() if has(col, shifted)]
+    if aurocs:
+        lines += ["## OOD detection AUROC (%) ↑", "",
+                  "Telling each shifted dataset's examples (positives) from the dev split's, by a score where higher "
+                  "means shifted: 1 − max p̄, the predictive entropy, the mutual information. 50 is chance.", ""]
+        for score, col in aurocs:
+            lines += [f"### {score}", "", markdown_table(shifted, col, scale=100, digits=2), ""]
+    return lines
 
 
 def targets_markdown(rows: list[dict]) -> list[str]:
@@ -248,7 +323,7 @@ def write_plots(grid: Grid, rows: list[dict]) -> list[Path]:
     matplotlib.use("Agg", force=False)
     import torch
 
-    from blob_pyro.plots import reliability_diagram, save_figure
+    from blob_pyro.plots import reliability_diagram, risk_coverage_plot, save_figure
 
     multi = len({r["dataset"] for r in rows}) > 1
     pooled: dict = {}
@@ -268,11 +343,22 @@ def write_plots(grid: Grid, rows: list[dict]) -> list[Path]:
         slot[1].append(labels)
     out = []
     plots = grid.report_dir / "plots"
+    overlays: dict = {}
     for (col, method), (probs, labels, where) in pooled.items():
         seeds = len(probs)
+        title = f"{method} on {where} ({seeds} seed{'s' if seeds > 1 else ''} pooled)"
         ax = reliability_diagram(torch.cat(probs), torch.cat(labels), label=method)
-        ax.set_title(f"{method} on {where} ({seeds} seed{'s' if seeds > 1 else ''} pooled)", fontsize="medium")
+        ax.set_title(title, fontsize="medium")
         out.append(save_figure(ax, plots / f"reliability_{_safe(col)}__{_safe(method)}.png"))
+        ax = risk_coverage_plot(torch.cat(probs), torch.cat(labels), label=method)
+        ax.set_title(title, fontsize="medium")
+        out.append(save_figure(ax, plots / f"risk_coverage_{_safe(col)}__{_safe(method)}.png"))
+        if col not in overlays:
+            overlays[col] = risk_coverage_plot(torch.cat(probs), torch.cat(labels), label=method)
+            overlays[col].set_title(f"{where}: risk–coverage, seeds pooled", fontsize="medium")
+        else:
+            risk_coverage_plot(torch.cat(probs), torch.cat(labels), ax=overlays[col], label=method)
+    out += [save_figure(ax, plots / f"risk_coverage_{_safe(col)}.png") for col, ax in overlays.items()]
     return out + write_metric_charts(grid, rows)
 
 

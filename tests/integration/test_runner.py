@@ -81,6 +81,39 @@ def test_runner_writes_results_table_and_plots(smoke):
 
 
 @pytest.mark.data
+def test_runner_reports_the_uncertainty_metrics_and_risk_coverage_plots(smoke):
+    _, out, _ = smoke
+    report = out / "smoke"
+    with open(report / "results.csv") as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    for r in rows.values():
+        assert r["ece_bins"] == "15"
+        assert 0 <= float(r["expected_entropy"]) <= float(r["entropy"]) <= 0.6932 and 0 <= float(r["aurc"]) <= 1
+        assert 0 <= float(r["accuracy_at_80"]) <= 1
+        assert r["auroc_max_prob"] == r["auroc_entropy"] == r["auroc_mutual_information"] == ""  # no shifted split
+    assert float(rows["mle"]["mutual_information"]) == 0 and float(rows["blob_mean"]["mutual_information"]) == 0
+    assert float(rows["blob"]["mutual_information"]) >= 0
+    # the same numbers as uncertainty_metrics of the saved draws
+    from blob_pyro.uncertainty import uncertainty_metrics
+
+    saved = load_file(str(out / "runs" / "winogrande_s" / "blob" / "seed1" / PREDICTIONS))
+    want = uncertainty_metrics(torch.softmax(saved["blob.logits"], -1), saved["labels"])
+    assert {k: float(rows["blob"][k]) for k in want} == pytest.approx(want, abs=1e-9)
+    md = (report / "results.md").read_text()
+    assert "ECE bins: 15" in md and "## OOD detection" not in md
+    for title in ("Predictive entropy (nats)", "Mutual information", "AURC (%)", "Accuracy at 80 % coverage (%)"):
+        assert f"## {title}" in md, title
+    mi = float(rows["mle"]["mutual_information"])
+    assert f"| mle | {mi:.4f} (1 seed) |" in md
+    for name in ("risk_coverage_winogrande_s__mle.png", "risk_coverage_winogrande_s__blob.png",
+                 "risk_coverage_winogrande_s.png"):
+        assert (report / "plots" / name).read_bytes()[:4] == b"\x89PNG", name
+    metrics = json.loads((out / "runs" / "winogrande_s" / "blob" / "seed1" / "metrics.json").read_text())
+    assert metrics["ece_bins"] == 15 and metrics["mutual_information"] == metrics["bench"]["rows"]["blob"][
+        "mutual_information"]
+
+
+@pytest.mark.data
 def test_second_invocation_skips_finished_cells_and_redoes_a_half_done_one(smoke, monkeypatch, capsys):
     config, out, data_dir = smoke
     blob = out / "runs" / "winogrande_s" / "blob" / "seed1"
@@ -246,6 +279,24 @@ def test_ood_grid_evaluates_the_same_runs_elsewhere_and_skips_missing_mmlu(tmp_p
     assert all(r["dataset"] == "openbookqa" for r in rows)
     md = (tmp_path / "out" / "ood" / "results.md").read_text()
     assert "| method | openbookqa | arc_easy |" in md and "skipping mmlu_college_chemistry" in md
+    # OOD detection: the arc_easy rows hold the AUROC of telling them from the openbookqa dev rows
+    from blob_pyro.uncertainty import ood_auroc
+
+    cell_dir = tmp_path / "out" / "runs" / "openbookqa" / "ensemble" / "seed1"
+    dev, shifted = load_file(str(cell_dir / PREDICTIONS)), load_file(str(cell_dir / "ood" / "arc_easy.safetensors"))
+    for r in rows:
+        columns = (r["auroc_max_prob"], r["auroc_entropy"], r["auroc_mutual_information"])
+        if r["eval_dataset"] == "openbookqa":
+            assert columns == ("", "", "")
+            continue
+        row = r["method"]
+        want = ood_auroc(torch.softmax(dev[f"{row}.logits"], -1), torch.softmax(shifted[f"{row}.logits"], -1))
+        assert [float(c) for c in columns] == pytest.approx(list(want.values()), abs=1e-9)
+        # the ensemble's draws are its 2 members; the logit average is one draw, whose MI is 0 everywhere
+        assert dev[f"{row}.logits"].shape[0] == (2 if row == "ensemble" else 1)
+    assert float(next(r for r in rows if r["method"] == "ensemble_logitavg" and r["eval_dataset"] == "arc_easy")[
+        "auroc_mutual_information"]) == 0.5
+    assert "## OOD detection AUROC (%)" in md and "### mutual_information" in md
     cell = tmp_path / "out" / "runs" / "openbookqa" / "ensemble" / "seed1"
     for member in ("member0", "member1"):
         assert (cell / member / "ood" / "arc_easy.json").is_file()

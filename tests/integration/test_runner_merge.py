@@ -127,4 +127,5 @@ def test_committed_results_merge_into_their_grid_unchanged(tmp_path, folder, gri
         after = {key(r): r for r in csv.DictReader(f)}
     assert after.keys() == before.keys()
     for k, r in before.items():
-        assert {c: after[k][c] for c in CSV_COLUMNS} == {c: r[c] for c in CSV_COLUMNS}, k
+        # columns added since a file was written (the uncertainty metrics) are empty in the merged table
+        assert {c: after[k][c] for c in CSV_COLUMNS} == {c: r.get(c, "") for c in CSV_COLUMNS}, k

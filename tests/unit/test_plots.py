@@ -22,6 +22,7 @@ from blob_pyro.plots import (  # noqa: E402
     plot_prior_vs_posterior,
     plot_training_trace,
     reliability_diagram,
+    risk_coverage_plot,
     save_figure,
 )
 
@@ -72,6 +73,26 @@ def test_reliability_diagram_overlay_and_saturated_bin():
     assert any("run A" in t for t in texts) and any("run B" in t for t in texts)
     assert any("conf = 1.0 (n=1)" in t for t in texts)
     assert len(_bars(ax)) == 0
+
+
+def test_risk_coverage_plot_draws_the_curve_the_best_ranking_and_overlays(tmp_path):
+    from blob_pyro.uncertainty import aurc, risk_coverage_curve
+
+    probs, labels = _probs(n=50, seed=3)
+    ax = risk_coverage_plot(probs, labels, label="run A")
+    coverage, risk = risk_coverage_curve(probs, labels)
+    curve = [line for line in ax.lines if line.get_label().startswith("run A")]
+    assert len(curve) == 1 and curve[0].get_label() == f"run A (AURC {aurc(probs, labels):.3f})"
+    np.testing.assert_allclose(curve[0].get_xdata(), coverage.numpy())
+    np.testing.assert_allclose(curve[0].get_ydata(), risk.numpy())
+    best = [line for line in ax.lines if line.get_label() == "best ranking"]
+    errors = round(float(risk[-1]) * 50)
+    assert len(best) == 1 and float(best[0].get_ydata()[-1]) == pytest.approx(errors / 50)
+    assert float(np.count_nonzero(best[0].get_ydata() == 0)) == 50 - errors  # right answers first: no risk
+    risk_coverage_plot(*_probs(n=30, seed=4), ax=ax, label="run B")
+    texts = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert sum(t == "best ranking" for t in texts) == 1 and any(t.startswith("run B (AURC") for t in texts)
+    assert save_figure(ax, tmp_path / "rc.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_reliability_diagram_rejects_bad_band():
