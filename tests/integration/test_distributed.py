@@ -105,7 +105,9 @@ def test_two_processes_follow_the_one_process_run_exactly_without_flipout(runs):
         assert torch.allclose(p1[k], p2[k], atol=1e-5), k
     m1, m2 = json.loads((one / "metrics.json").read_text()), json.loads((two / "metrics.json").read_text())
     assert m2["num_examples"] == 11  # every eval example once, gathered from both processes
-    for key in ("accuracy", "ece", "nll", "brier"):
+    # the uncertainty metrics too: the per-draw logits are gathered in the examples' order
+    for key in ("accuracy", "ece", "nll", "brier", "entropy", "expected_entropy", "mutual_information", "aurc",
+                "accuracy_at_80"):
         assert m2[key] == pytest.approx(m1[key], abs=1e-6), key
 
 
