@@ -24,13 +24,14 @@ import json
 import shutil
 from pathlib import Path
 
+import pyro
 import torch
 
 from .config import RunConfig
 from .errors import BlobPyroError, ConfigError, RunError
 
 __all__ = ["ENSEMBLE_SEED_STRIDE", "member_seed", "member_configs", "member_dirs", "ensemble_average",
-           "predict_members", "train_ensemble", "load_ensemble", "ensemble_draws", "PREDICTIONS"]
+           "predict_members", "member_scope", "train_ensemble", "load_ensemble", "ensemble_draws", "PREDICTIONS"]
 
 ENSEMBLE_SEED_STRIDE = 1000
 PREDICTIONS = "predictions.safetensors"
@@ -63,6 +64,16 @@ def ensemble_average(probs: list, logits: list | None = None) -> tuple:
     return p, torch.softmax(mean_logits, dim=-1)
 
 
+def member_scope():
+    """An empty Pyro param store for one member's calls, the caller's restored afterwards.
+
+    The members' parameters have the same names (``network$$$...``, the guide's ``AutoDelta...``), and a Pyro
+    model call takes the param store's values for its names (``pyro.module(..., update_module_params=True)``), so
+    member j called while the store holds member i's would predict with member i's weights.
+    """
+    return pyro.get_param_store().scope()
+
+
 def predict_members(members: list, data, *, num_samples: int | None = None, batch_size: int | None = None,
                     sample_batched: bool | None = None, progress: bool = True):
     """A :class:`~blob_pyro.predictive.Prediction` of the ensemble: probs (N, C) the members' mean, logits
@@ -75,8 +86,9 @@ def predict_members(members: list, data, *, num_samples: int | None = None, batc
         kw = m.config.predict.kwargs()
         kw.update({k: v for k, v in (("num_samples", num_samples), ("batch_size", batch_size),
                                      ("sample_batched", sample_batched)) if v is not None})
-        out = predict(m.model, m.guide, examples, **kw, keep_draws=True, progress=progress,
-                      autocast_dtype=m.config.runtime.autocast_dtype())
+        with member_scope():
+            out = predict(m.model, m.guide, examples, **kw, keep_draws=True, progress=progress,
+                          autocast_dtype=m.config.runtime.autocast_dtype())
         labels = out.labels if labels is None else labels
         probs.append(out.probs)
         logits.append(out.logits.float().mean(0))
@@ -96,7 +108,10 @@ def load_ensemble(run_dir, *, dataset: str | None = None, data_dir: str | None =
         if not (d / "metrics.json").is_file():
             raise RunError(f"ensemble member {d} is missing or unfinished; finish it with "
                            f"blob-pyro train --resume {run_dir}")
-    members = [load_run(d, device=device, trust_remote_code=trust_remote_code) for d in dirs]
+    members = []
+    for d in dirs:
+        with member_scope():
+            members.append(load_run(d, device=device, trust_remote_code=trust_remote_code))
     eval_split = None
     if dataset is not None or data_dir is not None:
         eval_split = load_split(dataset or cfg.dataset, "eval", data_dir or cfg.data_dir, limit=cfg.eval_limit)

@@ -385,3 +385,42 @@ def test_ppc_without_the_workflow_extra_is_one_line(monkeypatch, capsys, tmp_pat
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and "workflow extra" in err and "arviz" in err
     assert not (tmp_path / "ppc").exists()
+
+
+# ---- ensemble and temperature: bad input is one line, exit 2, nothing written ---------------------------------
+@pytest.mark.parametrize("extra, needle", [
+    (["--method", "ensemble", "--ensemble-size", "1"], "method=ensemble needs ensemble_size >= 2; got ensemble_size=1"),
+    (["--method", "mle", "--ensemble-size", "3"], "ensemble_size is a setting of method=ensemble; got method=mle"),
+    (["--method", "temperature", "--calibration-fraction", "0.01"], "calibration_fraction=0.01 of 8 training examples "
+                                                                    "holds out none"),
+    (["--method", "temperature", "--calibration-fraction", "0"], "0 < calibration_fraction < 1"),
+    (["--method", "blob", "--calibration-fraction", "0.2"], "calibration_fraction is a setting of method=temperature"),
+    (["--method", "temperature", "--calibration-fraction", "0.75"], "batch_size=4 is larger than the training split "
+                                                                    "(2 examples)"),
+])
+def test_bad_ensemble_and_temperature_settings_write_nothing(tmp_path, capsys, extra, needle):
+    data = data_folder(tmp_path, train="good", dev="good")
+    argv = ["train", *[a for a in small(data) if a not in ("--num-samples", "2")], *extra,
+            "--output-dir", str(tmp_path / "out")]
+    assert needle in error_line(capsys, argv)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_ensemble_with_bad_data_writes_nothing(tmp_path, capsys):
+    data = data_folder(tmp_path, train=[wg(0), wg(1)], dev="good")
+    argv = ["train", *small(data), "--method", "ensemble", "--output-dir", str(tmp_path / "out")]
+    assert "batch_size=4" in error_line(capsys, argv)
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_of_a_finished_ensemble_is_refused(tmp_path, capsys):
+    run = run_folder(tmp_path, finished=True, method="ensemble")
+    assert "already finished" in error_line(capsys, ["train", "--resume", str(run)])
+
+
+def test_an_ensemble_whose_first_member_cannot_load_its_model_writes_nothing(tmp_path, capsys):
+    data = data_folder(tmp_path, "good", "good")
+    argv = small(data, "--method", "ensemble", "--output-dir", str(tmp_path / "out"))
+    argv[argv.index("minilm")] = str(tmp_path / "no_model")
+    assert "does not exist" in error_line(capsys, ["train", *argv])
+    assert not (tmp_path / "out").exists()

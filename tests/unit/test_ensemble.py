@@ -1,6 +1,7 @@
 """blob_pyro.ensemble and method=ensemble on the tiny network: K mle members with distinct seeds give distinct
 point estimates; the ensemble's probabilities are the mean of the members'; the logit rule; the draws ppc uses."""
 
+import pyro
 import pytest
 import torch
 
@@ -11,6 +12,7 @@ from blob_pyro.ensemble import (
     ensemble_draws,
     member_configs,
     member_dirs,
+    member_scope,
     member_seed,
     predict_members,
 )
@@ -54,16 +56,22 @@ def _members(k=3):
     cfg = RunConfig.from_dict({"method": "ensemble", "ensemble_size": k, "lr": 5e-2, "max_steps": 5, "batch_size": 4})
     runs = []
     for mcfg in member_configs(cfg):
-        run = tiny_run(mcfg, num_data=16)
-        fit(run.model, run.guide, tiny_examples(16, seed=4), run.config.fit, progress=False)
+        with member_scope():
+            run = tiny_run(mcfg, num_data=16)
+            fit(run.model, run.guide, tiny_examples(16, seed=4), run.config.fit, progress=False)
         runs.append(run)
     return runs
+
+
+def _own(member, data):
+    with member_scope():
+        return predict(member.model, member.guide, data, num_samples=0, keep_draws=True, progress=False)
 
 
 def test_members_are_distinct_and_the_ensemble_averages_their_probabilities():
     members = _members(3)
     data = tiny_examples(10, seed=8)
-    own = [predict(m.model, m.guide, data, num_samples=0, keep_draws=True, progress=False) for m in members]
+    own = [_own(m, data) for m in members]
     for a in range(3):
         for b in range(a + 1, 3):
             assert not torch.allclose(own[a].probs, own[b].probs)  # K distinct members
@@ -72,6 +80,19 @@ def test_members_are_distinct_and_the_ensemble_averages_their_probabilities():
     assert torch.allclose(ens.probs.sum(-1), torch.ones(10))
     assert ens.logits.shape == (3, 10, 2) and torch.equal(ens.labels, own[0].labels)
     assert torch.allclose(ens.logits, torch.stack([o.logits[0] for o in own]))
+
+
+def test_members_share_parameter_names_so_each_predicts_in_its_own_param_store():
+    members = _members(2)
+    data = tiny_examples(6, seed=8)
+    first = _own(members[0], data).probs
+    pyro.clear_param_store()
+    with torch.no_grad():  # the store now holds member 1's parameters under the names member 0 uses too
+        members[1].model(members[1].model.head.collate(data))
+    assert not torch.allclose(_own(members[1], data).probs, first)
+    assert torch.equal(_own(members[0], data).probs, first)  # member 0 still predicts with its own weights
+    assert torch.equal(predict_members(members, data, progress=False).probs,
+                       (first + _own(members[1], data).probs) / 2)
 
 
 def test_ensemble_average_rules_by_hand():
@@ -88,7 +109,7 @@ def test_ppc_draws_are_the_members_in_turn():
     data = tiny_examples(6, seed=8)
     idata = ensemble_draws(members, data, num_samples=5, seed=1, attrs={"dataset": "tiny"})
     logits = torch.as_tensor(idata.posterior_predictive["logits"].values[0])
-    own = [predict(m.model, m.guide, data, num_samples=0, keep_draws=True, progress=False).logits[0] for m in members]
+    own = [_own(m, data).logits[0] for m in members]
     for s in range(5):
         assert torch.allclose(logits[s], own[s % 2], atol=1e-6)
     assert idata.posterior_predictive["y"].shape == (1, 5, 6) and idata.attrs["dataset"] == "tiny"
