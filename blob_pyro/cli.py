@@ -113,6 +113,7 @@ def add_ppc_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-samples", type=int, default=100, help="S posterior draws = replicated label vectors")
     p.add_argument("--limit", type=int, help="check only the first N examples")
     p.add_argument("--seed", type=int, default=0, help="seed of the draws and replicates")
+    p.add_argument("--ece-bins", type=int, help="equal-width confidence bins of the ECE (default: the run's, 15)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -235,7 +236,8 @@ def _cmd_ppc(args) -> int:
 
     try:
         result = run_ppc(args.run, dataset=args.dataset, data_dir=args.data_dir, num_samples=args.num_samples,
-                         out_dir=args.out, progress=not args.quiet, seed=args.seed, limit=args.limit)
+                         out_dir=args.out, progress=not args.quiet, seed=args.seed, limit=args.limit,
+                     n_bins=args.ece_bins)
     except ImportError as err:  # arviz / matplotlib are the workflow extra, not the core
         if (err.name or "").split(".")[0] not in ("arviz", "matplotlib", "xarray"):
             raise

@@ -153,25 +153,33 @@ def format_table(result: PPCResult) -> str:
         flag = "  !" if st["extreme"] else ""
         lines.append(f"{name:<22}{st['observed']:>10.4f}{span:>22}{st['p_value']:>10.3f}{flag}")
     lines.append(f"S={result.meta.get('num_samples')} replicates of N={result.meta.get('num_examples')} labels; "
-                 f"'!' = p < {EXTREME} or p > {1 - EXTREME}")
+                 f"ECE bins={len(result.band['lower'])}; '!' = p < {EXTREME} or p > {1 - EXTREME}")
     return "\n".join(lines)
 
 
 def write_outputs(result: PPCResult, idata, out_dir, *, extra: dict | None = None) -> list[Path]:
-    """Write ppc.json, idata.nc and the PNGs into ``out_dir``; returns the paths written."""
+    """Write ppc.json, idata.nc and the PNGs into ``out_dir``; returns the paths written.
+
+    ppc.json's ``metrics``: :func:`~blob_pyro.metrics.compute_metrics` of p̄ (the result's bin count) and
+    :func:`~blob_pyro.uncertainty.uncertainty_metrics` of the S replicated draws' probabilities.
+    """
     import matplotlib.pyplot as plt
 
     from . import arviz_io
     from .io import atomic_write_text
     from .metrics import compute_metrics
-    from .plots import confidence_histogram, plot_ppc_statistics, reliability_diagram, save_figure
+    from .plots import confidence_histogram, plot_ppc_statistics, reliability_diagram, risk_coverage_plot, save_figure
+    from .uncertainty import uncertainty_metrics
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [arviz_io.save(idata, out / "idata.nc")]
-    ax = reliability_diagram(result.probs, result.labels, band=result.band, label="predictive")
+    n_bins = len(result.band["lower"])
+    ax = reliability_diagram(result.probs, result.labels, band=result.band, label="predictive", n_bins=n_bins)
     ax.set_title("Reliability with posterior-predictive 5-95% band")
     paths.append(save_figure(ax, out / "reliability.png"))
+    paths.append(save_figure(risk_coverage_plot(result.probs, result.labels, label="predictive"),
+                             out / "risk_coverage.png"))
     paths.append(save_figure(confidence_histogram(result.probs, labels=result.labels), out / "confidence_histogram.png"))
     fig, ax = plt.subplots(figsize=(5.0, 3.5))
     arviz_io.plot_ppc(idata, ax=ax)
@@ -179,10 +187,17 @@ def write_outputs(result: PPCResult, idata, out_dir, *, extra: dict | None = Non
     paths.append(save_figure(fig, out / "ppc_labels.png"))
     paths.append(save_figure(plot_ppc_statistics(result), out / "ppc_statistics.png"))
     report = {**result.to_dict(), **(extra or {}),
-              "metrics": compute_metrics(result.probs, result.labels),
+              "metrics": {**compute_metrics(result.probs, result.labels, n_bins=n_bins),
+                          **uncertainty_metrics(_draw_probs(idata), result.labels), "ece_bins": n_bins},
               "files": [p.name for p in paths] + ["ppc.json"]}
     atomic_write_text(out / "ppc.json", json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n")
     return paths + [out / "ppc.json"]
+
+
+def _draw_probs(idata) -> torch.Tensor:
+    """(S, N, K) probabilities of the posterior draws behind ``idata``'s posterior-predictive logits."""
+    logits = np.asarray(idata.posterior_predictive["logits"])
+    return torch.softmax(torch.as_tensor(logits.reshape(-1, *logits.shape[2:]), dtype=torch.float64), -1)
 
 
 def _json_safe(obj):
@@ -197,12 +212,14 @@ def _json_safe(obj):
 
 
 def run_ppc(run_dir, *, dataset: str | None = None, data_dir: str | None = None, num_samples: int = 100,
-            out_dir, progress: bool = True, seed: int = 0, limit: int | None = None) -> PPCResult:
+            out_dir, progress: bool = True, seed: int = 0, limit: int | None = None,
+            n_bins: int | None = None) -> PPCResult:
     """Posterior predictive checks of the run in ``run_dir`` on ``dataset``'s eval split.
 
-    Writes ppc.json, idata.nc, reliability.png, confidence_histogram.png, ppc_labels.png and
-    ppc_statistics.png into ``out_dir``. A user mistake (missing or damaged run folder, unknown dataset, bad
-    data folder, an output path that is a file) raises a :class:`~blob_pyro.errors.BlobPyroError`.
+    Writes ppc.json, idata.nc, reliability.png, risk_coverage.png, confidence_histogram.png, ppc_labels.png and
+    ppc_statistics.png into ``out_dir``; ``n_bins`` is the ECE's bin count (default: the run's ``ece_bins``). A
+    user mistake (missing or damaged run folder, unknown dataset, bad data folder, an output path that is a file)
+    raises a :class:`~blob_pyro.errors.BlobPyroError`.
     """
     from .errors import ConfigError, RunError
 
@@ -210,11 +227,17 @@ def run_ppc(run_dir, *, dataset: str | None = None, data_dir: str | None = None,
         raise ConfigError(f"--num-samples must be >= 1; got {num_samples}")
     if limit is not None and int(limit) < 1:
         raise ConfigError(f"--limit must be >= 1; got {limit}")
+    if n_bins is not None and int(n_bins) < 1:
+        raise ConfigError(f"--ece-bins must be >= 1; got {n_bins}")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise RunError(f"output {out} exists and is not a folder")
     idata, info = _score(run_dir, dataset, data_dir, int(num_samples), seed, limit, progress)
-    result = check_idata(idata)
+    if n_bins is None:
+        from .training import read_run_config
+
+        n_bins = read_run_config(run_dir).predict.ece_bins
+    result = check_idata(idata, n_bins=int(n_bins))
     try:
         write_outputs(result, idata, out, extra=info)
     except OSError as err:

@@ -52,8 +52,9 @@ def test_script_end_to_end(tiny_run, data_dir, tmp_path):
         st = report["statistics"][name]
         assert {"observed", "replicated", "p_value", "extreme"} <= set(st)
         assert {"q05", "q50", "q95", "mean"} <= set(st["replicated"])
-    assert set(report["metrics"]) >= {"accuracy", "ece", "nll"}
-    assert "p-value" in proc.stdout and "accuracy" in proc.stdout
+    assert set(report["metrics"]) >= {"accuracy", "ece", "nll", "entropy", "mutual_information", "aurc", "accuracy_at_80"}
+    assert report["metrics"]["ece_bins"] == 15 and (out / "risk_coverage.png").read_bytes()[:4] == b"\x89PNG"
+    assert "p-value" in proc.stdout and "accuracy" in proc.stdout and "ECE bins=15;" in proc.stdout
     from blob_pyro import arviz_io
 
     idata = arviz_io.load(out / "idata.nc")
@@ -62,6 +63,24 @@ def test_script_end_to_end(tiny_run, data_dir, tmp_path):
     again = check_idata(idata)  # the saved file alone reproduces the report
     assert json.loads(json.dumps(again.to_dict()))["statistics"]["ece"] == report["statistics"]["ece"]
     assert again.meta["seed"] == 0 and again.meta["dataset"] == "winogrande_s"
+
+
+def test_ece_bins_flag_sets_the_bins_of_the_table_the_metrics_and_the_diagram(tiny_run, tmp_path, capsys):
+    from blob_pyro.cli import main
+    from blob_pyro.metrics import expected_calibration_error
+
+    out = tmp_path / "ppc"
+    assert main(["ppc", "--run", str(tiny_run), "--num-samples", "3", "--ece-bins", "5", "--out", str(out),
+                 "--quiet"]) == 0
+    assert "ECE bins=5;" in capsys.readouterr().out
+    report = json.loads((out / "ppc.json").read_text())
+    assert report["metrics"]["ece_bins"] == 5
+    from blob_pyro import arviz_io
+
+    result = check_idata(arviz_io.load(out / "idata.nc"), n_bins=5)
+    assert len(result.band["lower"]) == 5
+    assert report["metrics"]["ece"] == pytest.approx(expected_calibration_error(result.probs, result.labels, n_bins=5))
+    assert report["statistics"]["ece"]["observed"] == pytest.approx(report["metrics"]["ece"], abs=1e-6)
 
 
 def test_script_wrong_run_folder_is_one_line(tmp_path):
@@ -93,4 +112,7 @@ def test_run_ppc_user_errors_and_cli(tiny_run, data_dir, tmp_path, capsys):
     rc = main(["ppc", "--run", str(tiny_run), "--data-dir", str(data_dir), "--num-samples", "2",
                "--out", str(tmp_path / "d"), "--quiet"])
     assert rc == 0 and (tmp_path / "d" / "ppc.json").is_file()
+    assert main(["ppc", "--run", str(tiny_run), "--num-samples", "2", "--ece-bins", "0", "--out",
+                 str(tmp_path / "f"), "--quiet"]) == 2
+    assert "--ece-bins must be >= 1" in capsys.readouterr().err and not (tmp_path / "f").exists()
     assert issubclass(DataError, BlobPyroError) and issubclass(RunError, BlobPyroError)

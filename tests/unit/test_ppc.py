@@ -78,7 +78,7 @@ def test_observed_statistics_agree_with_metrics_and_band():
     ok = np.isfinite(lo)
     assert ok.any() and np.all(lo[ok] <= hi[ok]) and np.all((lo[ok] >= 0) & (hi[ok] <= 1))
     assert all(len(v) == 50 for v in res.replicated.values())
-    assert "accuracy" in format_table(res)
+    assert "accuracy" in format_table(res) and f"ECE bins={len(res.band['lower'])};" in format_table(res)
 
 
 def test_p_value_is_mid_p_for_ties():
