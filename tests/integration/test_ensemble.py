@@ -2,6 +2,7 @@
 member run folders with distinct seeds and the ensemble's averaged predictions; evaluate and ppc accept the run."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -62,3 +63,18 @@ def test_evaluate_and_ppc_accept_an_ensemble(ensemble_run, tmp_path, capsys):
     report = json.loads((tmp_path / "ppc" / "ppc.json").read_text())
     assert report["num_samples"] == 4 and report["num_examples"] == 6 and "accuracy" in report["statistics"]
     assert "ppc written to" in capsys.readouterr().out
+
+
+def test_resume_keeps_finished_members_and_trains_the_missing_one(ensemble_run, tmp_path):
+    run = tmp_path / "copy"
+    shutil.copytree(ensemble_run, run)
+    kept = (run / "member0" / "posterior.safetensors").read_bytes()
+    before = json.loads((run / "metrics.json").read_text())
+    shutil.rmtree(run / "member1")  # as if killed before member 1 started
+    (run / "metrics.json").unlink()
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    assert (run / "member0" / "posterior.safetensors").read_bytes() == kept  # not retrained
+    assert json.loads((run / "member1" / "config.json").read_text())["config"]["fit"]["seed"] == 1002
+    after = json.loads((run / "metrics.json").read_text())
+    for key in ("accuracy", "ece", "nll", "brier"):  # member 1 retrained from its seed: the same ensemble
+        assert after[key] == pytest.approx(before[key], abs=1e-6)
