@@ -90,6 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--num-samples", type=int, help="posterior draws (0 = posterior mean)")
     e.add_argument("--batch-size", type=int, help="evaluation batch size")
     e.add_argument("--ece-bins", type=int, help="equal-width confidence bins of the ECE (default: the run's, 15)")
+    e.add_argument("--ood-dataset", metavar="D",
+                   help="also predict D's eval split and report the AUROC of telling it from --dataset's (OOD detection)")
     e.add_argument("--output", help="also write the metrics to this JSON file")
     e.add_argument("--trust-remote-code", type=_bool, default=False, metavar="BOOL",
                    help="allow custom model code (never taken from the run folder)")
@@ -141,6 +143,12 @@ def metrics_table(metrics: dict) -> str:
            f"samples={metrics.get('num_samples', '?')}, ECE bins={metrics.get('ece_bins', '?')})"
     lines = [head, "-" * len(head)]
     lines += [f"{name:<20}{metrics[name]:>10.4f}" for name in METRICS_TABLE_ROWS if metrics.get(name) is not None]
+    ood = metrics.get("ood")
+    if ood:
+        lines += ["", f"OOD detection: {ood.get('dataset', '?')} / {ood.get('split', '?')} "
+                      f"(N={ood.get('num_examples', '?')}) vs the above, AUROC of"]
+        lines += [f"{name:<20}{ood['auroc_' + name]:>10.4f}" for name in ("max_prob", "entropy", "mutual_information")
+                  if ood.get("auroc_" + name) is not None]
     return "\n".join(lines)
 
 
@@ -189,7 +197,12 @@ def _cmd_evaluate(args) -> int:
         run.config.predict.eval_batch_size = args.batch_size
     if args.ece_bins:
         run.config.predict.ece_bins = args.ece_bins
-    metrics = evaluate(run, num_samples=args.num_samples, progress=not args.quiet)
+    ood = None
+    if args.ood_dataset:
+        from .data import load_split
+
+        ood = load_split(args.ood_dataset, "eval", args.data_dir or run.config.data_dir, limit=run.config.eval_limit)
+    metrics = evaluate(run, num_samples=args.num_samples, progress=not args.quiet, ood_data=ood)
     print(metrics_table(metrics))
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)

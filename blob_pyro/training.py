@@ -49,7 +49,7 @@ from .model import BlobModel
 from .optim import register_parameters
 from .priors import make_prior
 
-__all__ = ["Run", "build", "post_fit", "evaluate", "output_problem",
+__all__ = ["Run", "build", "post_fit", "evaluate", "predict_split", "output_problem",
            "build_model", "retarget_head", "train_run", "resume_run", "TrainingInterrupted",
            "load_run", "save_run", "read_run_config", "run_versions", "set_seed", "pick_device"]
 
@@ -364,7 +364,7 @@ def _check_adapter(adapter: Path, cfg: RunConfig) -> None:
 
 
 # ---- train and evaluate --------------------------------------------------------------------
-def evaluate(run: Run, data=None, *, num_samples: int | None = None, progress: bool = True) -> dict:
+def evaluate(run: Run, data=None, *, num_samples: int | None = None, progress: bool = True, ood_data=None) -> dict:
     """Metrics of the posterior predictive on ``data`` (default: the run's eval split).
 
     Under several processes each one predicts every K-th example and the predictions are gathered, so
@@ -373,18 +373,56 @@ def evaluate(run: Run, data=None, *, num_samples: int | None = None, progress: b
     Returns accuracy, ece (over ``cfg.predict.ece_bins`` bins), nll, brier (:func:`~blob_pyro.metrics.compute_metrics`)
     and, from the same per-draw predictions, entropy, expected_entropy, mutual_information, aurc and accuracy_at_80
     (:func:`~blob_pyro.uncertainty.uncertainty_metrics`), with dataset, split, num_samples, num_examples, ece_bins.
+
+    ``ood_data`` (a shifted split): also predict there and add ``"ood"``: its dataset, split and num_examples and
+    the AUROCs of telling its examples from ``data``'s (:func:`~blob_pyro.uncertainty.ood_auroc`: ``auroc_max_prob``,
+    ``auroc_entropy``, ``auroc_mutual_information``).
     """
-    from . import distributed
     from .metrics import compute_metrics
+    from .uncertainty import ood_auroc, uncertainty_metrics
+
+    cfg = run.config
+    data = data if data is not None else run.eval
+    s = num_samples if num_samples is not None else cfg.predict.num_samples
+    out = predict_split(run, data, num_samples=num_samples, progress=progress)
+    bins = cfg.predict.ece_bins
+    metrics = compute_metrics(out.probs, out.labels, n_bins=bins)
+    metrics.update(uncertainty_metrics(_draw_probs(out), out.labels))
+    metrics.update(dataset=data.dataset, split=data.split, num_samples=s, num_examples=len(data), ece_bins=bins)
+    if ood_data is not None:
+        models = [m.model for m in run.members] if run.members else [run.model]
+        heads = [m.head for m in models]
+        try:
+            if ood_data.dataset != data.dataset:
+                for m in models:
+                    retarget_head(m, ood_data.dataset)
+            shifted = predict_split(run, ood_data, num_samples=num_samples, progress=progress)
+        finally:
+            for m, head in zip(models, heads):
+                m.head = head
+        aurocs = ood_auroc(_draw_probs(out), _draw_probs(shifted))
+        metrics["ood"] = {"dataset": ood_data.dataset, "split": ood_data.split, "num_examples": len(ood_data),
+                          **{f"auroc_{k}": v for k, v in aurocs.items()}}
+    return metrics
+
+
+def _draw_probs(out) -> torch.Tensor:
+    """(S, N, K) probabilities of a prediction's draws (without its logits, the average as one draw)."""
+    return torch.softmax(out.logits.float(), dim=-1) if out.logits is not None else out.probs
+
+
+def predict_split(run: Run, data=None, *, num_samples: int | None = None, progress: bool = True):
+    """The :class:`~blob_pyro.predictive.Prediction` of ``run`` on ``data`` (default: the run's eval split) with its
+    per-draw logits (S, N, K), with ``cfg.predict``'s settings; gathered in the examples' order under several
+    processes; an ensemble's draws are its members."""
+    from . import distributed
     from .predictive import predict
-    from .uncertainty import uncertainty_metrics
 
     cfg = run.config
     data = data if data is not None else run.eval
     kwargs = cfg.predict.kwargs()
     if num_samples is not None:
         kwargs["num_samples"] = num_samples
-    s = kwargs["num_samples"]
     examples = list(getattr(data, "examples", data))
     procs, rank = distributed.world_size(), distributed.rank()
     local = examples[rank::procs]
@@ -411,13 +449,7 @@ def evaluate(run: Run, data=None, *, num_samples: int | None = None, progress: b
             if logits is not None and d is not None:
                 logits[:, r::procs] = d
         out.probs, out.labels, out.logits = probs, labels, logits
-    bins = cfg.predict.ece_bins
-    metrics = compute_metrics(out.probs, out.labels, n_bins=bins)
-    # the draws predict computed anyway: (S, N, K) probabilities (without them, the average is one draw)
-    draws = torch.softmax(out.logits.float(), dim=-1) if out.logits is not None else out.probs
-    metrics.update(uncertainty_metrics(draws, out.labels))
-    metrics.update(dataset=data.dataset, split=data.split, num_samples=s, num_examples=len(data), ece_bins=bins)
-    return metrics
+    return out
 
 
 def train_run(cfg: RunConfig, out_dir, *, progress: bool = True, overwrite: bool = False) -> dict:

@@ -147,6 +147,34 @@ def test_evaluate_prints_and_writes_the_uncertainty_metrics(tiny_run, tmp_path, 
             assert m["mutual_information"] == 0.0
 
 
+def test_evaluate_ood_dataset_reports_the_aurocs(tiny_run, data_dir, tmp_path, capsys):
+    data = tmp_path / "data"  # the run's winogrande folder plus 6 ARC-Easy dev questions
+    shutil.copytree(tiny_run.parent / "data", data)
+    (data / "arc_easy").mkdir()
+    lines = (Path(data_dir) / "arc_easy" / "dev.jsonl").read_text().splitlines()[:6]
+    (data / "arc_easy" / "dev.jsonl").write_text("\n".join(lines) + "\n")
+    out_file = tmp_path / "m.json"
+    assert main(["evaluate", "--run", str(tiny_run), "--data-dir", str(data), "--ood-dataset", "arc_easy",
+                 "--output", str(out_file), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    m = json.loads(out_file.read_text())
+    assert (m["dataset"], m["num_examples"]) == ("winogrande_s", 4)  # the in-distribution keys are unchanged
+    ood = m["ood"]
+    assert (ood["dataset"], ood["split"], ood["num_examples"]) == ("arc_easy", "dev", 6)
+    assert all(0 <= ood[f"auroc_{k}"] <= 1 for k in ("max_prob", "entropy", "mutual_information"))
+    assert "OOD detection: arc_easy / dev (N=6) vs the above, AUROC of" in printed
+    assert f"max_prob{ood['auroc_max_prob']:>22.4f}" in printed
+    # afterwards the head scores the run's own options again: the same metrics as without the OOD split
+    from blob_pyro.data import load_split
+    from blob_pyro.training import evaluate, load_run
+
+    run = load_run(tiny_run, data_dir=str(data))
+    head = run.model.head
+    with_ood = evaluate(run, num_samples=0, progress=False, ood_data=load_split("arc_easy", "eval", str(data)))
+    assert run.model.head is head and with_ood["ood"]["num_examples"] == 6
+    assert evaluate(run, num_samples=0, progress=False) == {k: v for k, v in with_ood.items() if k != "ood"}
+
+
 def test_overwrite_replaces_a_run_folder(tiny_run, tmp_path):
     run = copy_run(tiny_run, tmp_path)
     (run / "stale.txt").write_text("old")

@@ -125,6 +125,16 @@ def test_metrics_table():
                          "aurc                    0.2500", "accuracy_at_80          0.5625"]
 
 
+def test_metrics_table_prints_the_ood_aurocs():
+    table = metrics_table({"dataset": "openbookqa", "split": "dev", "num_examples": 500, "num_samples": 10,
+                           "ece_bins": 15, "accuracy": 0.5,
+                           "ood": {"dataset": "arc_easy", "split": "dev", "num_examples": 570, "auroc_max_prob": 0.75,
+                                   "auroc_entropy": 0.625, "auroc_mutual_information": 0.5}})
+    assert table.splitlines()[3:] == ["", "OOD detection: arc_easy / dev (N=570) vs the above, AUROC of",
+                                      "max_prob                0.7500", "entropy                 0.6250",
+                                      "mutual_information      0.5000"]
+
+
 def test_metrics_table_of_an_old_metrics_json_prints_what_it_has():
     lines = metrics_table({"dataset": "arc_easy", "accuracy": 0.5, "ece": 0.125}).splitlines()
     assert lines[0].endswith("ECE bins=?)") and len(lines) == 4

@@ -156,6 +156,23 @@ def test_evaluate_scores_the_draws_of_its_one_prediction(monkeypatch):
         uncertainty_metrics(torch.softmax(out.logits, -1), out.labels)
 
 
+def test_evaluate_with_a_shifted_split_reports_the_ood_aurocs(monkeypatch):
+    import blob_pyro.predictive as predictive
+    from blob_pyro.uncertainty import ood_auroc
+
+    run = _trained_tiny()
+    shifted = TaskSplit("tiny", "shifted", tuple(tiny_examples(7, seed=9)), 2, ("A", "B"), "memory")
+    seen, real = [], predictive.predict
+    monkeypatch.setattr(predictive, "predict", lambda *a, **kw: seen.append(real(*a, **kw)) or seen[-1])
+    metrics = evaluate(run, progress=False, ood_data=shifted)
+    assert len(seen) == 2  # one prediction per split
+    dev, out = (torch.softmax(p.logits, -1) for p in seen)
+    want = ood_auroc(dev, out)
+    assert metrics["ood"] == {"dataset": "tiny", "split": "shifted", "num_examples": 7,
+                              **{f"auroc_{k}": v for k, v in want.items()}}
+    assert metrics["num_examples"] == 10 and "ood" not in evaluate(run, progress=False)
+
+
 def test_resume_drops_log_lines_after_the_checkpoint_and_half_written_ones(tmp_path):
     log = tmp_path / "train_log.jsonl"
     log.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n{"step": 3, "loss": 0.4}\n{"step": 4, "lo')
