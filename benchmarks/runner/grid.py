@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from blob_pyro.config import RunConfig, read_config_file
-from blob_pyro.ensemble import ENSEMBLE_SEED_STRIDE, member_seed
+from blob_pyro.ensemble import ENSEMBLE_SEED_STRIDE, member_dirs, member_seed
 from blob_pyro.errors import BlobPyroError, ConfigError
 from blob_pyro.methods import METHODS, PRESETS
 
@@ -132,7 +132,7 @@ class Cell:
     def member_dirs(self) -> list[Path]:
         if not self.entry.is_ensemble:
             return [self.dir]
-        return [self.dir / f"member{j}" for j in range(self.entry.members)]
+        return member_dirs(self.dir, self.entry.members)
 
     def member_configs(self, base: dict) -> list[RunConfig]:
         """The resolved RunConfig of every run of this cell."""

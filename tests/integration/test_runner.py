@@ -450,3 +450,40 @@ def test_a_cell_trains_what_train_run_trains(tiny_llama_dir, data_dir, tmp_path)
     assert json.loads((tmp_path / "ours" / "config.json").read_text())["config"] == \
         json.loads((tmp_path / "ref" / "config.json").read_text())["config"]
     check_finished("ref", tmp_path / "ref", cfg)
+
+
+@pytest.mark.data
+def test_an_ensemble_cell_is_what_blob_pyro_train_method_ensemble_gives(tiny_llama_dir, data_dir, tmp_path):
+    """One ensemble, two front ends: the grid's cell and the library's train_ensemble share seeds and averages."""
+    from blob_pyro.config import RunConfig
+    from blob_pyro.ensemble import train_ensemble
+
+    base = _tiny_llama_base(tiny_llama_dir, data_dir)
+    entry = Entry("ensemble", "ensemble", {}, {"ensemble": "probs"}, members=2)
+    grid = Grid("g", tmp_path / "grid", base, [entry], ["winogrande_s"], [7])
+    cell = cells_of(grid)[0]
+    ours = run_cell(cell, grid, progress=False)["bench"]["rows"]["ensemble"]
+    cfg = RunConfig.from_dict({**base, "dataset": "winogrande_s", "method": "ensemble", "ensemble_size": 2,
+                               "seed": 7})
+    ref = train_ensemble(cfg, tmp_path / "lib", progress=False)
+    for key in ("accuracy", "ece", "nll", "brier"):
+        assert ours[key] == pytest.approx(ref[key], abs=1e-6), key
+    for j in range(2):  # the members' settings are the same too
+        assert json.loads((cell.dir / f"member{j}" / "config.json").read_text())["config"] == \
+            json.loads((tmp_path / "lib" / f"member{j}" / "config.json").read_text())["config"]
+    probs = load_file(str(tmp_path / "lib" / PREDICTIONS))["probs"]
+    assert torch.allclose(load_file(str(cell.dir / PREDICTIONS))["ensemble.probs"], probs, atol=1e-6)
+
+
+@pytest.mark.data
+def test_a_temperature_cell_fits_t_as_train_run_does(tiny_llama_dir, data_dir, tmp_path):
+    from blob_pyro.config import RunConfig
+    from blob_pyro.training import train_run
+
+    cfg = RunConfig.from_dict({**_tiny_llama_base(tiny_llama_dir, data_dir), "dataset": "winogrande_s",
+                               "method": "temperature", "calibration_fraction": 0.25, "seed": 3}).resolve()
+    ref = train_run(cfg, tmp_path / "ref", progress=False)
+    ours = runner_cells.train_member(cfg, tmp_path / "ours", {"temperature": 0}, progress=False)
+    assert (tmp_path / "ours" / "temperature.json").read_text() == (tmp_path / "ref" / "temperature.json").read_text()
+    for key in ("accuracy", "ece", "nll", "brier"):
+        assert ours[key] == pytest.approx(ref[key], abs=1e-6), key
