@@ -166,9 +166,10 @@ def train_ensemble(cfg: RunConfig, out_dir, *, progress: bool = True, overwrite:
     cfg = cfg.resolve()
     configs = member_configs(cfg)
     out = Path(out_dir)
-    main = distributed.is_main()
+    distributed.init_from_env(cfg.runtime.device)
+    main = distributed.is_main()  # every process trains every member; rank 0 writes the ensemble's files
     if not resume:
-        problem = output_problem(out, overwrite) if main else None
+        problem = distributed.broadcast_object(output_problem(out, overwrite) if main else None)
         if problem:
             raise RunError(problem)
         train = load_split(cfg.dataset, "train", cfg.data_dir, limit=cfg.train_limit)  # fail before writing
@@ -182,6 +183,7 @@ def train_ensemble(cfg: RunConfig, out_dir, *, progress: bool = True, overwrite:
             out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(out / "config.json", json.dumps({"config": cfg.to_dict(), "versions": run_versions()},
                                                               indent=2) + "\n")
+        distributed.barrier()
     elif (out / "metrics.json").is_file():
         raise RunError(f"the run in {out} has already finished (metrics.json exists); nothing to resume")
     dirs = member_dirs(out, len(configs))
