@@ -220,6 +220,9 @@ def run_ppc(run_dir, *, dataset: str | None = None, data_dir: str | None = None,
     ppc_statistics.png into ``out_dir``; ``n_bins`` is the ECE's bin count (default: the run's ``ece_bins``). A
     user mistake (missing or damaged run folder, unknown dataset, bad data folder, an output path that is a file)
     raises a :class:`~blob_pyro.errors.BlobPyroError`.
+
+    An ensemble run (``method=ensemble``) has no variational posterior: its members are the posterior draws, draw s
+    being member ``s mod K`` (:func:`blob_pyro.ensemble.ensemble_draws`), and idata.nc holds no ``posterior`` group.
     """
     from .errors import ConfigError, RunError
 
