@@ -39,8 +39,9 @@ def merge_results(grid: Grid, sources: list) -> list[dict]:
     """Merge ``results.csv`` files into the grid's report folder: results.csv, results.md, metric bar charts.
 
     The report folder's own results.csv (if any) comes first, then each source; a row (entry, result row, train and
-    eval dataset, seed) found in several files must have the same metrics in all of them, and a row's step budget and
-    batch size must be the grid's, else nothing is written.
+    eval dataset, seed) found in several files must have the same metrics in all of them (a column one file lacks,
+    such as the uncertainty metrics in a results.csv written before them, is taken from the other), and a row's step
+    budget and batch size must be the grid's, else nothing is written.
     Rows are kept in grid order (datasets as given, seeds, entries, rows). Reliability diagrams pool the saved
     predictions of every seed, which a results.csv does not hold, so they are left as they are.
     """
@@ -66,6 +67,8 @@ def merge_results(grid: Grid, sources: list) -> list[dict]:
             if old is not None and any(old[k] != r[k] for k in METRIC_NAMES):
                 raise BenchError(f"{path}: row {'/'.join(key)} differs from the one already merged "
                                  f"({', '.join(f'{k} {old[k]} vs {r[k]}' for k in METRIC_NAMES if old[k] != r[k])})")
+            if old is not None:  # the same row: an older file may lack the columns added since (empty there)
+                old.update({k: v for k, v in r.items() if old.get(k) in (None, "") and v not in (None, "")})
             merged.setdefault(key, r)
     ood = {d: i for i, d in enumerate(grid.ood_datasets)}
 

@@ -66,6 +66,32 @@ def test_merge_adds_rows_in_grid_order_and_renders_the_table(grid_file, tmp_path
     assert (out / "g" / "plots" / "metrics_arc_easy.png").is_file()
 
 
+@pytest.mark.parametrize("old_first", [True, False])
+def test_an_old_results_csv_merges_with_a_new_one(grid_file, tmp_path, old_first):
+    """A results.csv written before the uncertainty columns existed loads; a row both files have takes them from the
+    newer one, and a row only the old file has keeps them empty."""
+    out = tmp_path / "out"
+    old_columns = CSV_COLUMNS[:CSV_COLUMNS.index("run_dir") + 1]
+    old_path = out / "g" / "results.csv" if old_first else tmp_path / "old.csv"
+    old_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(old_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=old_columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows([_row("mle", "winogrande_s", 1, 0.5), _row("mle", "winogrande_s", 2, 0.7)])
+    new = {**_row("mle", "winogrande_s", 1, 0.5), "ece_bins": 15, "entropy": 0.25, "expected_entropy": 0.25,
+           "mutual_information": 0.0, "aurc": 0.125, "accuracy_at_80": 0.625}
+    new_path = _csv(tmp_path / "new.csv" if old_first else out / "g" / "results.csv", [new])
+    assert main(["merge", str(grid_file), "--out", str(out), "--from",
+                 str(new_path if old_first else old_path)]) == 0
+    with open(out / "g" / "results.csv", newline="") as f:
+        rows = {r["seed"]: r for r in csv.DictReader(f)}
+    assert tuple(rows["1"]) == CSV_COLUMNS
+    assert (rows["1"]["mutual_information"], rows["1"]["aurc"], rows["1"]["ece_bins"]) == ("0.0", "0.125", "15")
+    assert rows["2"]["mutual_information"] == rows["2"]["aurc"] == rows["2"]["auroc_entropy"] == ""
+    md = (out / "g" / "results.md").read_text()
+    assert "## AURC (%) ↓" in md and "| mle | 12.50 (1 seed) |" in md and "ECE bins: 15" in md
+
+
 def test_merge_refuses_a_row_that_differs_and_writes_nothing(grid_file, tmp_path, capsys):
     out = tmp_path / "out"
     mine = _csv(out / "g" / "results.csv", [_row("mle", "winogrande_s", 1, 0.5)])
