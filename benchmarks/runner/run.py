@@ -71,7 +71,9 @@ def run_grid(grid: Grid, *, progress: bool = True, keep_going: bool = False, who
                 raise BenchError(f"cell {cell.label} failed: {type(err).__name__}: {' '.join(str(err).split())}") from err
             continue
         rows = metrics["bench"]["rows"]
-        summary = ", ".join(f"{r} acc {100 * m['accuracy']:.1f} ece {100 * m['ece']:.1f} nll {m['nll']:.3f}"
+        summary = ", ".join(f"{r} acc {100 * m['accuracy']:.1f} ece {100 * m['ece']:.1f} ({m.get('ece_bins', 15)} bins) "
+                            f"nll {m['nll']:.3f}" + (f" mi {m['mutual_information']:.3f} aurc {100 * m['aurc']:.1f}"
+                                                     if m.get("aurc") is not None else "")
                             for r, m in rows.items())
         say(f"{tag}: done in {time.perf_counter() - t0:.0f}s ({summary})")
         write_csv(whole, collect_rows(whole, ood))
