@@ -161,7 +161,16 @@ def train_ensemble(cfg: RunConfig, out_dir, *, progress: bool = True, overwrite:
     from . import distributed
     from .data import load_split
     from .io import atomic_save_safetensors, atomic_write_text
-    from .training import TrainingInterrupted, evaluate, load_run, output_problem, resume_run, run_versions, train_run
+    from .training import (
+        TrainingInterrupted,
+        load_run,
+        metrics_of,
+        output_problem,
+        predict_split,
+        resume_run,
+        run_versions,
+        train_run,
+    )
 
     cfg = cfg.resolve()
     configs = member_configs(cfg)
@@ -206,10 +215,10 @@ def train_ensemble(cfg: RunConfig, out_dir, *, progress: bool = True, overwrite:
             raise
     run = load_run(out, trust_remote_code=trust_remote_code)
     run.eval = load_split(cfg.dataset, "eval", cfg.data_dir, limit=cfg.eval_limit)
-    metrics = evaluate(run, progress=progress)
+    pred = predict_split(run, run.eval, progress=progress)  # one prediction: the metrics and the saved file
+    metrics = metrics_of(run, run.eval, pred)
     metrics["members"] = [d.name for d in dirs]
-    if main:  # the same predictions again, kept for the reliability diagrams (members predict deterministically)
-        pred = predict_members(run.members, run.eval, progress=False)
+    if main:
         atomic_save_safetensors(out / PREDICTIONS, {"labels": pred.labels, "probs": pred.probs.float(),
                                                     "member_logits": pred.logits.float()})
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")

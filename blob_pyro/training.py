@@ -49,7 +49,7 @@ from .model import BlobModel
 from .optim import register_parameters
 from .priors import make_prior
 
-__all__ = ["Run", "build", "post_fit", "evaluate", "predict_split", "output_problem",
+__all__ = ["Run", "build", "post_fit", "evaluate", "metrics_of", "predict_split", "output_problem",
            "build_model", "retarget_head", "train_run", "resume_run", "TrainingInterrupted",
            "load_run", "save_run", "read_run_config", "run_versions", "set_seed", "pick_device"]
 
@@ -378,17 +378,11 @@ def evaluate(run: Run, data=None, *, num_samples: int | None = None, progress: b
     the AUROCs of telling its examples from ``data``'s (:func:`~blob_pyro.uncertainty.ood_auroc`: ``auroc_max_prob``,
     ``auroc_entropy``, ``auroc_mutual_information``).
     """
-    from .metrics import compute_metrics
-    from .uncertainty import ood_auroc, uncertainty_metrics
+    from .uncertainty import ood_auroc
 
-    cfg = run.config
     data = data if data is not None else run.eval
-    s = num_samples if num_samples is not None else cfg.predict.num_samples
     out = predict_split(run, data, num_samples=num_samples, progress=progress)
-    bins = cfg.predict.ece_bins
-    metrics = compute_metrics(out.probs, out.labels, n_bins=bins)
-    metrics.update(uncertainty_metrics(_draw_probs(out), out.labels))
-    metrics.update(dataset=data.dataset, split=data.split, num_samples=s, num_examples=len(data), ece_bins=bins)
+    metrics = metrics_of(run, data, out, num_samples=num_samples)
     if ood_data is not None:
         models = [m.model for m in run.members] if run.members else [run.model]
         heads = [m.head for m in models]
@@ -403,6 +397,21 @@ def evaluate(run: Run, data=None, *, num_samples: int | None = None, progress: b
         aurocs = ood_auroc(_draw_probs(out), _draw_probs(shifted))
         metrics["ood"] = {"dataset": ood_data.dataset, "split": ood_data.split, "num_examples": len(ood_data),
                           **{f"auroc_{k}": v for k, v in aurocs.items()}}
+    return metrics
+
+
+def metrics_of(run: Run, data, out, *, num_samples: int | None = None) -> dict:
+    """The in-distribution part of :func:`evaluate` for a prediction ``out`` of ``run`` on ``data`` already made
+    (:func:`predict_split`), so a caller that keeps the prediction does not predict twice."""
+    from .metrics import compute_metrics
+    from .uncertainty import uncertainty_metrics
+
+    cfg = run.config
+    bins = cfg.predict.ece_bins
+    metrics = compute_metrics(out.probs, out.labels, n_bins=bins)
+    metrics.update(uncertainty_metrics(_draw_probs(out), out.labels))
+    s = num_samples if num_samples is not None else cfg.predict.num_samples
+    metrics.update(dataset=data.dataset, split=data.split, num_samples=s, num_examples=len(data), ece_bins=bins)
     return metrics
 
 
