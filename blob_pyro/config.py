@@ -34,7 +34,7 @@ from .methods import METHODS, PRESETS, apply_method
 from .priors import PRIORS
 
 __all__ = ["AdapterConfig", "BayesConfig", "FitConfig", "PredictConfig", "RuntimeConfig", "RunConfig",
-           "ConfigError", "read_config_file", "SECTIONS"]
+           "ConfigError", "read_config_file", "SECTIONS", "with_defaults"]
 
 OBJECTIVES = ("elbo", "paper")
 
@@ -268,11 +268,16 @@ class RunConfig:
         Idempotent: a resolved config resolves to itself.
         """
         self.validate()
-        flat = apply_method(self.flat_dict(), self.method, self.preset)
-        for name, (_, f, _) in self.fields().items():
-            if flat[name] is None and "unset" in f.metadata:
-                flat[name] = f.metadata["unset"]
-        return RunConfig.from_dict(flat).validate()
+        cfg = RunConfig.from_dict(apply_method(self.flat_dict(), self.method, self.preset))
+        sections = {s: with_defaults(getattr(cfg, s)) for s in SECTIONS}
+        return dataclasses.replace(with_defaults(cfg), **sections).validate()
+
+
+def with_defaults(settings):
+    """A copy of a settings dataclass (a section or :class:`RunConfig`) with each "not set" field at its default."""
+    unset = {f.name: f.metadata["unset"] for f in dataclasses.fields(settings)
+             if getattr(settings, f.name) is None and "unset" in f.metadata}
+    return dataclasses.replace(settings, **unset)
 
 
 @functools.cache

@@ -37,7 +37,7 @@ from pyro.poutine.messenger import Messenger
 from torch.distributions import kl_divergence
 
 from . import distributed
-from .config import FitConfig
+from .config import FitConfig, with_defaults
 from .data import batches
 from .errors import ConfigError, TrainingError
 from .kl import closed_form_kl, make_kl_schedule
@@ -52,10 +52,7 @@ STATE_FORMAT = "blob_pyro.grouped_adamw"  # the ELBO step's optimiser state (che
 
 def resolved_fit_config(cfg: FitConfig | None = None, **settings) -> FitConfig:
     """``cfg`` (default ``FitConfig()``) with ``settings`` applied and every "not set" field at its default."""
-    cfg = dataclasses.replace(cfg or FitConfig(), **settings)
-    unset = {f.name: f.metadata["unset"] for f in dataclasses.fields(cfg)
-             if getattr(cfg, f.name) is None and "unset" in f.metadata}
-    return dataclasses.replace(cfg, **unset)
+    return with_defaults(dataclasses.replace(cfg or FitConfig(), **settings))
 
 
 # ---- what one step records ----------------------------------------------------------------------
