@@ -237,8 +237,15 @@ def _resolve_data(run, dataset, data_dir, split, data):
     cfg = run.config
     if split == "eval" and run.eval is not None and dataset in (None, run.eval.dataset):
         return run.eval
-    limit = cfg.train_limit if split == "train" else cfg.eval_limit
-    return load_split(dataset or cfg.dataset, split, data_dir or cfg.data_dir, limit=limit)
+    if split == "eval":
+        from .training import eval_split_of
+
+        return eval_split_of(cfg, dataset, data_dir)
+    if split == "train" and dataset in (None, cfg.dataset):
+        from .data import load_splits
+
+        return load_splits(cfg.dataset, data_dir or cfg.data_dir, train_limit=cfg.train_limit, holdout=cfg.holdout)[0]
+    return load_split(dataset or cfg.dataset, split, data_dir or cfg.data_dir, limit=cfg.train_limit)
 
 
 def to_inference_data(run, dataset: str | None = None, *, num_samples: int = 50, data=None,

@@ -190,9 +190,9 @@ def _cmd_evaluate(args) -> int:
     run = load_run(args.run, dataset=args.dataset or None, data_dir=args.data_dir,
                    trust_remote_code=args.trust_remote_code)
     if run.eval is None:
-        from .data import load_split
+        from .training import eval_split_of
 
-        run.eval = load_split(run.config.dataset, "eval", run.config.data_dir, limit=run.config.eval_limit)
+        run.eval = eval_split_of(run.config)
     if args.batch_size:
         run.config.predict.eval_batch_size = args.batch_size
     if args.ece_bins:

@@ -159,6 +159,8 @@ class RunConfig:
     max_length: int = _f(256, "max tokens per sequence")
     train_limit: Optional[int] = _f(None, "use only the first N training examples")
     eval_limit: Optional[int] = _f(None, "evaluate on the first N examples only")
+    holdout: Optional[int] = _f(None, "evaluate on the last N examples of the training split, never trained on, "
+                                      "instead of the dev split (choose budgets and recipes without dev)")
     method: str = _f("blob", "blob | mle (plain LoRA) | map | mcdropout | bbb | ensemble | temperature: a preset of "
                              "the settings it implies (docs/methods.md)", choices=tuple(METHODS))
     ensemble_size: Optional[int] = _f(None, "method=ensemble: number K >= 2 of mle members (default 3)")
@@ -247,7 +249,7 @@ class RunConfig:
                      "num_particles", "ece_bins"):
             if int(self.get(name)) <= 0:
                 raise ConfigError(f"{name} must be > 0; got {self.get(name)}")
-        for name in ("num_samples", "checkpoint_every", "train_limit", "eval_limit"):
+        for name in ("num_samples", "checkpoint_every", "train_limit", "eval_limit", "holdout"):
             v = self.get(name)
             if v is not None and v < 0:
                 raise ConfigError(f"{name} must be >= 0; got {v}")

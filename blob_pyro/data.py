@@ -46,7 +46,9 @@ __all__ = [
     "boolq_prompt",
     "dataset_info",
     "batches",
+    "load_eval",
     "load_split",
+    "load_splits",
     "local_split_path",
     "mc_prompt",
     "resolve_data_dir",
@@ -533,6 +535,47 @@ def load_split(dataset: str, split: str = "train", data_dir: str | os.PathLike |
     if not examples:
         raise DataError(f"{source}: split {split_read!r} of {dataset} is empty (no examples)")
     return TaskSplit(dataset, split_read, tuple(examples), spec.num_classes, spec.option_words, source)
+
+
+def load_splits(dataset: str, data_dir: str | os.PathLike | None = None, *, train_limit: int | None = None,
+                eval_limit: int | None = None, holdout: int | None = None) -> tuple[TaskSplit, TaskSplit]:
+    """``(train, eval)`` of a run: the train split and the split it is evaluated on.
+
+    Without ``holdout`` that is the dev split (:func:`load_split` ``"eval"``). With ``holdout = M`` the last
+    M examples of the *training* split are set aside and returned as the evaluation split (named
+    ``"train[-M:]"``); training then draws only from the examples before them (the first ``train_limit`` of
+    those), so budgets and recipes can be chosen without ever looking at the dev split. ``eval_limit`` keeps
+    the first examples of whichever evaluation split it is.
+
+    Raises DataError when the held-out slice would leave nothing to train on.
+    """
+    if holdout is None or holdout == 0:
+        return (load_split(dataset, "train", data_dir, limit=train_limit),
+                load_split(dataset, "eval", data_dir, limit=eval_limit))
+    if isinstance(holdout, bool) or not isinstance(holdout, int) or holdout < 0:
+        raise DataError(f"holdout must be a non-negative integer or None, got {holdout!r}")
+    full = load_split(dataset, "train", data_dir)
+    if holdout >= len(full):
+        raise DataError(f"{full.source}: holdout={holdout} leaves none of the {len(full)} training examples of "
+                        f"{dataset} to train on")
+    keep = full.examples[:-holdout]
+    held = full.examples[-holdout:]
+    if train_limit is not None:
+        keep = keep[:train_limit]
+    if eval_limit is not None:
+        held = held[:eval_limit]
+    from dataclasses import replace
+
+    return (replace(full, examples=keep),
+            replace(full, split=f"{full.split}[-{holdout}:]", examples=held))
+
+
+def load_eval(dataset: str, data_dir: str | os.PathLike | None = None, *, eval_limit: int | None = None,
+              holdout: int | None = None) -> TaskSplit:
+    """The evaluation split of :func:`load_splits` alone (dev, or the held-out end of the train split)."""
+    if holdout is None or holdout == 0:
+        return load_split(dataset, "eval", data_dir, limit=eval_limit)
+    return load_splits(dataset, data_dir, eval_limit=eval_limit, holdout=holdout)[1]
 
 
 def dataset_info(dataset: str) -> tuple[int, tuple[str, ...]]:

@@ -98,8 +98,7 @@ def predict_members(members: list, data, *, num_samples: int | None = None, batc
 def load_ensemble(run_dir, *, dataset: str | None = None, data_dir: str | None = None, device: str | None = None,
                   trust_remote_code: bool = False):
     """A :class:`~blob_pyro.training.Run` whose ``members`` are the loaded member runs (model and guide None)."""
-    from .data import load_split
-    from .training import Run, load_run, read_run_config, retarget_head
+    from .training import Run, eval_split_of, load_run, read_run_config, retarget_head
 
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
@@ -114,7 +113,7 @@ def load_ensemble(run_dir, *, dataset: str | None = None, data_dir: str | None =
             members.append(load_run(d, device=device, trust_remote_code=trust_remote_code))
     eval_split = None
     if dataset is not None or data_dir is not None:
-        eval_split = load_split(dataset or cfg.dataset, "eval", data_dir or cfg.data_dir, limit=cfg.eval_limit)
+        eval_split = eval_split_of(cfg, dataset, data_dir)
     if dataset is not None and dataset != cfg.dataset:
         for m in members:
             retarget_head(m.model, dataset)
@@ -159,10 +158,11 @@ def train_ensemble(cfg: RunConfig, out_dir, *, progress: bool = True, overwrite:
     interrupted one continues from its checkpoint, missing ones train.
     """
     from . import distributed
-    from .data import load_split
+    from .data import load_splits
     from .io import atomic_save_safetensors, atomic_write_text
     from .training import (
         TrainingInterrupted,
+        eval_split_of,
         load_run,
         metrics_of,
         output_problem,
@@ -181,8 +181,8 @@ def train_ensemble(cfg: RunConfig, out_dir, *, progress: bool = True, overwrite:
         problem = distributed.broadcast_object(output_problem(out, overwrite) if main else None)
         if problem:
             raise RunError(problem)
-        train = load_split(cfg.dataset, "train", cfg.data_dir, limit=cfg.train_limit)  # fail before writing
-        load_split(cfg.dataset, "eval", cfg.data_dir, limit=cfg.eval_limit)
+        train = load_splits(cfg.dataset, cfg.data_dir, train_limit=cfg.train_limit, eval_limit=cfg.eval_limit,
+                            holdout=cfg.holdout)[0]  # fail before writing
         if len(train) < cfg.fit.batch_size:
             raise ConfigError(f"batch_size={cfg.fit.batch_size} is larger than the training split "
                               f"({len(train)} examples)")
@@ -214,7 +214,7 @@ def train_ensemble(cfg: RunConfig, out_dir, *, progress: bool = True, overwrite:
                 shutil.rmtree(out)
             raise
     run = load_run(out, trust_remote_code=trust_remote_code)
-    run.eval = load_split(cfg.dataset, "eval", cfg.data_dir, limit=cfg.eval_limit)
+    run.eval = eval_split_of(cfg)
     pred = predict_split(run, run.eval, progress=progress)  # one prediction: the metrics and the saved file
     metrics = metrics_of(run, run.eval, pred)
     metrics["members"] = [d.name for d in dirs]

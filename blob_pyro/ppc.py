@@ -253,15 +253,15 @@ def _score(run_dir, dataset, data_dir, num_samples, seed, limit, progress):
     import transformers
 
     from .arviz_io import to_inference_data
-    from .data import dataset_info, load_split
+    from .data import dataset_info
     from .errors import RunError
-    from .training import load_run, read_run_config
+    from .training import eval_split_of, load_run, read_run_config
 
     transformers.logging.set_verbosity_error()
     if not progress:
         transformers.utils.logging.disable_progress_bar()
     cfg = read_run_config(run_dir)
-    split = load_split(dataset or cfg.dataset, "eval", data_dir or cfg.data_dir, limit=cfg.eval_limit)
+    split = eval_split_of(cfg, dataset, data_dir)
     k_run = dataset_info(cfg.dataset)[0]
     if split.num_classes != k_run:
         raise RunError(f"{split.dataset} has {split.num_classes} classes but the run was trained on "

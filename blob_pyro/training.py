@@ -39,7 +39,7 @@ import pyro
 import torch
 
 from .config import RunConfig
-from .data import dataset_info, load_split
+from .data import dataset_info, load_eval, load_splits
 from .errors import ConfigError, HeadError, RunError, TrainingError
 from .guides import make_guide
 from .heads import CausalLMHead, ClozeHead, MultipleChoiceHead, SequenceClassificationHead
@@ -162,8 +162,8 @@ def build(cfg: RunConfig, *, with_data: bool = True, num_data: int | None = None
     pyro.clear_param_store()
     train = eval_split = held_out = None
     if with_data:
-        train = load_split(cfg.dataset, "train", cfg.data_dir, limit=cfg.train_limit)
-        eval_split = load_split(cfg.dataset, "eval", cfg.data_dir, limit=cfg.eval_limit)
+        train, eval_split = load_splits(cfg.dataset, cfg.data_dir, train_limit=cfg.train_limit,
+                                        eval_limit=cfg.eval_limit, holdout=cfg.holdout)
         if cfg.method == "temperature":  # the held-out slice leaves the training data before anything sees it
             from .temperature import calibration_split
 
@@ -319,10 +319,18 @@ def load_run(run_dir, *, dataset: str | None = None, data_dir: str | None = None
         model.temperature = calibration["temperature"]
     eval_split = None
     if dataset is not None or data_dir is not None:
-        eval_split = load_split(dataset or cfg.dataset, "eval", data_dir or cfg.data_dir, limit=cfg.eval_limit)
+        eval_split = eval_split_of(cfg, dataset, data_dir)
     if dataset is not None and dataset != cfg.dataset:
         retarget_head(model, dataset)
     return Run(cfg, model, guide, None, eval_split, calibration=calibration)
+
+
+def eval_split_of(cfg: RunConfig, dataset: str | None = None, data_dir: str | None = None):
+    """The split a run of ``cfg`` is evaluated on: its own dataset's dev split, or the held-out end of its
+    training split when ``cfg.holdout`` is set; another ``dataset`` (a shift) is always that dataset's dev split."""
+    same = dataset in (None, cfg.dataset)
+    return load_eval(dataset or cfg.dataset, data_dir or cfg.data_dir, eval_limit=cfg.eval_limit,
+                     holdout=cfg.holdout if same else None)
 
 
 def _read_temperature(run_dir: Path) -> dict:

@@ -7,7 +7,16 @@ import types
 
 import pytest
 
-from blob_pyro.data import DATASET_NAMES, DataError, batches, dataset_info, load_split, resolve_data_dir
+from blob_pyro.data import (
+    DATASET_NAMES,
+    DataError,
+    batches,
+    dataset_info,
+    load_eval,
+    load_split,
+    load_splits,
+    resolve_data_dir,
+)
 
 HEADER = "Return the label of the correct answer for the question below.\n\nQuestion: "
 
@@ -97,6 +106,24 @@ def test_limit_keeps_first_examples(tmp_path):
     write_jsonl(tmp_path / "winogrande" / "dev.jsonl", [wg("1"), wg("2"), wg("2")])
     ts = load_split("winogrande_m", "eval", tmp_path, limit=2)
     assert ts.labels == [0, 1]
+
+
+def test_holdout_is_the_end_of_the_train_split_and_never_trained_on(tmp_path):
+    write_jsonl(tmp_path / "winogrande" / "train_s.jsonl", [wg("1", qID=f"t{i}") for i in range(10)])
+    write_jsonl(tmp_path / "winogrande" / "dev.jsonl", [wg("2", qID="d0")])
+    train, held = load_splits("winogrande_s", tmp_path, holdout=3)
+    assert [e.uid for e in train.examples] == [f"t{i}" for i in range(7)]
+    assert [e.uid for e in held.examples] == ["t7", "t8", "t9"] and held.split == "train_s[-3:]"
+    train, held = load_splits("winogrande_s", tmp_path, holdout=3, train_limit=2, eval_limit=1)
+    assert [e.uid for e in train.examples] == ["t0", "t1"] and [e.uid for e in held.examples] == ["t7"]
+    assert [e.uid for e in load_eval("winogrande_s", tmp_path, holdout=3).examples] == ["t7", "t8", "t9"]
+    # without holdout the evaluation split is dev, as before
+    assert [e.uid for e in load_splits("winogrande_s", tmp_path)[1].examples] == ["d0"]
+    assert [e.uid for e in load_eval("winogrande_s", tmp_path).examples] == ["d0"]
+    with pytest.raises(DataError, match="leaves none of the 10"):
+        load_splits("winogrande_s", tmp_path, holdout=10)
+    with pytest.raises(DataError, match="non-negative integer"):
+        load_splits("winogrande_s", tmp_path, holdout=-1)
 
 
 def test_blob_data_dir_env_var(tmp_path, monkeypatch):
