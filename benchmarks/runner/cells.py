@@ -121,8 +121,7 @@ def train_member(cfg: RunConfig, out, rows: dict[str, int], *, progress: bool = 
 
 def _add_rows(run_dir: Path, cfg: RunConfig, rows: dict[str, int], progress: bool) -> dict:
     """Predict the rows a finished run lacks (loading it; no training); returns its updated metrics.json."""
-    from blob_pyro.data import load_split
-    from blob_pyro.training import load_run
+    from blob_pyro.training import eval_split_of, load_run
 
     metrics = json.loads((run_dir / METRICS).read_text())
     have = metrics.setdefault("bench", {}).setdefault("rows", {})
@@ -130,7 +129,7 @@ def _add_rows(run_dir: Path, cfg: RunConfig, rows: dict[str, int], progress: boo
     if not missing:
         return metrics
     run = load_run(run_dir)
-    split = load_split(cfg.dataset, "eval", cfg.data_dir, limit=cfg.eval_limit)
+    split = eval_split_of(cfg)
     preds = predict_rows(run, split, missing, progress)
     labels, old = load_predictions(run_dir / PREDICTIONS)
     old.update({r: (p.probs, p.logits) for r, (p, _) in preds.items()})

@@ -109,17 +109,21 @@ def test_limit_keeps_first_examples(tmp_path):
 
 
 def test_holdout_is_the_end_of_the_train_split_and_never_trained_on(tmp_path):
-    write_jsonl(tmp_path / "winogrande" / "train_s.jsonl", [wg("1", qID=f"t{i}") for i in range(10)])
-    write_jsonl(tmp_path / "winogrande" / "dev.jsonl", [wg("2", qID="d0")])
+    write_jsonl(tmp_path / "winogrande" / "train_s.jsonl", [wg("1") for _ in range(10)])
+    write_jsonl(tmp_path / "winogrande" / "dev.jsonl", [wg("2")])
+
+    def idx(split):
+        return [e.index for e in split.examples]
+
     train, held = load_splits("winogrande_s", tmp_path, holdout=3)
-    assert [e.uid for e in train.examples] == [f"t{i}" for i in range(7)]
-    assert [e.uid for e in held.examples] == ["t7", "t8", "t9"] and held.split == "train_s[-3:]"
+    assert idx(train) == list(range(7)) and idx(held) == [7, 8, 9] and held.split == "train_s[-3:]"
+    assert held.labels == [0, 0, 0]
     train, held = load_splits("winogrande_s", tmp_path, holdout=3, train_limit=2, eval_limit=1)
-    assert [e.uid for e in train.examples] == ["t0", "t1"] and [e.uid for e in held.examples] == ["t7"]
-    assert [e.uid for e in load_eval("winogrande_s", tmp_path, holdout=3).examples] == ["t7", "t8", "t9"]
-    # without holdout the evaluation split is dev, as before
-    assert [e.uid for e in load_splits("winogrande_s", tmp_path)[1].examples] == ["d0"]
-    assert [e.uid for e in load_eval("winogrande_s", tmp_path).examples] == ["d0"]
+    assert idx(train) == [0, 1] and idx(held) == [7]
+    assert idx(load_eval("winogrande_s", tmp_path, holdout=3)) == [7, 8, 9]
+    # without holdout the evaluation split is dev (label 1), as before
+    assert load_splits("winogrande_s", tmp_path)[1].labels == [1]
+    assert load_eval("winogrande_s", tmp_path).labels == [1] and load_eval("winogrande_s", tmp_path).split == "dev"
     with pytest.raises(DataError, match="leaves none of the 10"):
         load_splits("winogrande_s", tmp_path, holdout=10)
     with pytest.raises(DataError, match="non-negative integer"):
