@@ -54,6 +54,8 @@ def main(argv=None) -> int:
     p.add_argument("--every", type=int, default=100)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--num-samples", type=int, default=0, help="posterior draws per check (0: posterior mean)")
+    p.add_argument("--final-samples", type=int, default=10,
+                   help="at the last step also predict the held-out examples with this many draws (0: skip)")
     p.add_argument("--train-eval-limit", type=int, default=None, help="predict only the first N training examples")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="any RunConfig setting")
     p.add_argument("--out", required=True, help="JSON-lines file to write (replaced)")
@@ -94,6 +96,10 @@ def main(argv=None) -> int:
         with pyro.poutine.block():
             tr = _summary(predict(run.model, run.guide, train_part, **kw), cfg.predict.ece_bins)
             ho = _summary(predict(run.model, run.guide, run.eval, **kw), cfg.predict.ece_bins)
+            final = {}
+            if step == cfg.fit.max_steps and args.final_samples and args.final_samples != args.num_samples:
+                kw["num_samples"] = args.final_samples
+                final = _summary(predict(run.model, run.guide, run.eval, **kw), cfg.predict.ece_bins)
         run.model.network.train(was)
         torch.set_rng_state(cpu)
         if cuda is not None:
@@ -102,13 +108,15 @@ def main(argv=None) -> int:
                "train_nll_running": sum(r["nll"] for r in recent) / max(len(recent), 1),
                "kl_weight": recent[-1]["kl_weight"] if recent else 0.0,
                "seconds": time.perf_counter() - start,
-               **{f"train_{k}": v for k, v in tr.items()}, **{f"holdout_{k}": v for k, v in ho.items()}}
+               **{f"train_{k}": v for k, v in tr.items()}, **{f"holdout_{k}": v for k, v in ho.items()},
+               **{f"holdout_n{args.final_samples}_{k}": v for k, v in final.items()}}
         recent.clear()
         lines.append(json.dumps(rec))
         out_path.write_text("\n".join(lines) + "\n")
         print(f"step {step:5d} ep {rec['epochs']:5.1f}  train nll {tr['nll']:.3f} acc {tr['accuracy']:.3f}  "
               f"holdout nll {ho['nll']:.3f} acc {ho['accuracy']:.3f} ece {ho['ece']:.3f} conf {ho['confidence']:.3f}",
-              flush=True)
+              + (f"  | N={args.final_samples}: nll {final['nll']:.3f} acc {final['accuracy']:.3f} "
+                 f"ece {final['ece']:.3f} conf {final['confidence']:.3f}" if final else ""), flush=True)
 
     def callback(record: dict, _state: dict) -> None:
         recent.append(record)

@@ -83,6 +83,16 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_config_flags(t)
 
+    c = sub.add_parser("compare", help="train several methods on one task; one table, one reliability figure")
+    c.add_argument("--methods", nargs="+", default=["mle", "blob"], metavar="ENTRY",
+                   help="methods to compare (default: mle blob); an entry may carry settings of its own: "
+                        "blob,preset=paper or blob,bayesian_factor=A")
+    c.add_argument("--config", help="JSON or YAML file of the shared settings (flags override it)")
+    c.add_argument("--output-dir", required=True, help="folder of the comparison: one run folder per entry")
+    c.add_argument("--overwrite", action="store_true", help="replace a folder that holds another comparison")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_config_flags(c)
+
     e = sub.add_parser("evaluate", help="evaluate a run on a dataset")
     e.add_argument("--run", required=True, help="run folder written by train")
     e.add_argument("--dataset", help="dataset to evaluate on (default: the run's)")
@@ -132,8 +142,8 @@ def _config_from(args: argparse.Namespace) -> RunConfig:
     return RunConfig.from_dict(overrides)
 
 
-METRICS_TABLE_ROWS = ("accuracy", "ece", "nll", "brier", "entropy", "expected_entropy", "mutual_information", "aurc",
-                      "accuracy_at_80")
+METRICS_TABLE_ROWS = ("accuracy", "ece", "nll", "brier", "confidence", "entropy", "expected_entropy",
+                      "mutual_information", "aurc", "accuracy_at_80")
 
 
 def metrics_table(metrics: dict) -> str:
@@ -174,6 +184,19 @@ def _cmd_train(args) -> int:
         out = args.output_dir
     print(metrics_table(metrics))
     print(f"run written to {out}")
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from .compare import compare
+
+    if "method" in vars(args) or "preset" in vars(args):
+        raise ConfigError("compare takes its methods from --methods (e.g. --methods mle blob,preset=paper); "
+                          "drop --method/--preset")
+    result = compare(_config_from(args), args.methods, args.output_dir, progress=not args.quiet,
+                     overwrite=args.overwrite)
+    print(result.table())
+    print(f"runs, compare.md and reliability.png written to {args.output_dir}")
     return 0
 
 
@@ -279,7 +302,8 @@ def ppc_main(argv: list[str] | None = None, *, prog: str = "ppc.py") -> int:
 
 def _run(args: argparse.Namespace, prog: str) -> int:
     quiet_library_logs()
-    handlers = {"train": _cmd_train, "evaluate": _cmd_evaluate, "describe": _cmd_describe, "ppc": _cmd_ppc}
+    handlers = {"train": _cmd_train, "compare": _cmd_compare, "evaluate": _cmd_evaluate, "describe": _cmd_describe,
+                "ppc": _cmd_ppc}
     try:
         return handlers[args.command](args)
     except BlobPyroError as err:

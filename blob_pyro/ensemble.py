@@ -29,12 +29,12 @@ import torch
 
 from .config import RunConfig
 from .errors import BlobPyroError, ConfigError, RunError
+from .training import PREDICTIONS
 
 __all__ = ["ENSEMBLE_SEED_STRIDE", "member_seed", "member_configs", "member_dirs", "ensemble_average",
            "predict_members", "member_scope", "train_ensemble", "load_ensemble", "ensemble_draws", "PREDICTIONS"]
 
 ENSEMBLE_SEED_STRIDE = 1000
-PREDICTIONS = "predictions.safetensors"
 
 
 def member_seed(seed: int, j: int) -> int:

@@ -17,7 +17,9 @@ A run directory::
     adapter/                  vanilla PEFT adapter holding the posterior mean (PeftModel.from_pretrained)
     posterior.safetensors     the guide's variational parameters
     temperature.json          method=temperature: the fitted T and the held-out training examples it was fitted on
-    member0/ ... member<K-1>/ method=ensemble: one run folder per member (predictions.safetensors: their average)
+    predictions.safetensors   the eval split's labels (N,), probs (N, K) and per-draw logits (S, N, K)
+    member0/ ... member<K-1>/ method=ensemble: one run folder per member (predictions.safetensors: their average,
+                              member_logits (K, N, K))
     metrics.json              accuracy, ece, nll, brier + dataset, split, num_samples
 """
 
@@ -51,7 +53,8 @@ from .priors import make_prior
 
 __all__ = ["Run", "build", "post_fit", "evaluate", "metrics_of", "predict_split", "output_problem",
            "build_model", "retarget_head", "train_run", "resume_run", "TrainingInterrupted",
-           "load_run", "save_run", "read_run_config", "run_versions", "set_seed", "pick_device"]
+           "load_run", "save_run", "read_run_config", "run_versions", "set_seed", "pick_device", "eval_split_of",
+           "PREDICTIONS"]
 
 
 @dataclass
@@ -193,6 +196,8 @@ def post_fit(run: Run) -> None:
                                 autocast_dtype=run.config.runtime.autocast_dtype())
 
 
+PREDICTIONS = "predictions.safetensors"
+
 # ---- files ---------------------------------------------------------------------------------
 def run_versions() -> dict:
     """Library versions, git commit and the compute a run used.
@@ -227,8 +232,10 @@ def guide_state(guide) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in guide.state_dict().items()}
 
 
-def save_run(out_dir, run: Run, *, metrics: dict | None = None) -> None:
-    """Write adapter/ (posterior mean, vanilla PEFT) and posterior.safetensors; metrics.json if given."""
+def save_run(out_dir, run: Run, *, metrics: dict | None = None, prediction=None) -> None:
+    """Write adapter/ (posterior mean, vanilla PEFT) and posterior.safetensors; metrics.json if given; and
+    ``prediction`` (a :class:`~blob_pyro.predictive.Prediction` of the eval split) as predictions.safetensors:
+    ``labels`` (N,), ``probs`` (N, K) and, when kept, ``logits`` (S, N, K) of every draw."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model, guide = run.model, run.guide
@@ -244,6 +251,11 @@ def save_run(out_dir, run: Run, *, metrics: dict | None = None) -> None:
         from .temperature import TEMPERATURE_FILE
 
         atomic_write_text(out / TEMPERATURE_FILE, json.dumps(run.calibration, indent=2) + "\n")
+    if prediction is not None:
+        tensors = {"labels": prediction.labels, "probs": prediction.probs.float()}
+        if prediction.logits is not None:
+            tensors["logits"] = prediction.logits.float()
+        atomic_save_safetensors(out / PREDICTIONS, tensors)
     if metrics is not None:
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
 
@@ -611,9 +623,10 @@ def _train_and_save(run: Run, out: Path, ckpt, *, progress: bool, resuming: bool
         if distributed.any_true(stop.signum is not None) and last_state:  # the signal came after the last step
             stop_now(last_state["step"], last_state["optimizer_state"])
     post_fit(run)
-    metrics = evaluate(run, progress=progress)
+    pred = predict_split(run, run.eval, progress=progress)  # one prediction: the metrics and the saved file
+    metrics = metrics_of(run, run.eval, pred)
     if main:
-        save_run(out, run, metrics=metrics)
+        save_run(out, run, metrics=metrics, prediction=pred)
     distributed.barrier()
     return metrics
 

@@ -60,7 +60,8 @@ __all__ = [
 ]
 
 #: the keys :func:`uncertainty_metrics` returns, in the order reports print them
-UNCERTAINTY_METRICS = ("entropy", "expected_entropy", "mutual_information", "aurc", "accuracy_at_80")
+UNCERTAINTY_METRICS = (
+    "confidence", "entropy", "expected_entropy", "mutual_information", "aurc", "accuracy_at_80")
 #: the scores :func:`ood_auroc` ranks by
 OOD_SCORES = ("max_prob", "entropy", "mutual_information")
 
@@ -225,7 +226,8 @@ def uncertainty_metrics(probs, labels) -> dict[str, float]:
     """The in-distribution uncertainty metrics of per-draw probabilities, as Python floats.
 
     ``probs``: ``(S, N, K)`` per-draw probabilities (``(N, K)``: one draw); ``labels``: ``(N,)``. Returns
-    (:data:`UNCERTAINTY_METRICS`) the means over examples of ``entropy`` (predictive), ``expected_entropy``
+    (:data:`UNCERTAINTY_METRICS`) the means over examples of ``confidence`` (the top-label probability of the
+    averaged predictive p̄: above the accuracy means over-confident), ``entropy`` (predictive), ``expected_entropy``
     and ``mutual_information`` (nats), and ``aurc`` and ``accuracy_at_80`` of the averaged predictive ``p̄``.
     """
     p = _draws(probs)
@@ -233,5 +235,6 @@ def uncertainty_metrics(probs, labels) -> dict[str, float]:
     h = _entropy(mean)
     eh = _entropy(p).mean(0)
     mi = (h - eh).clamp_min(0) if p.shape[0] > 1 else torch.zeros_like(h)
-    return {"entropy": float(h.mean()), "expected_entropy": float(eh.mean()), "mutual_information": float(mi.mean()),
+    return {"confidence": float(mean.max(-1).values.mean()), "entropy": float(h.mean()),
+            "expected_entropy": float(eh.mean()), "mutual_information": float(mi.mean()),
             "aurc": aurc(mean, labels), "accuracy_at_80": selective_accuracy(mean, labels, 0.8)}

@@ -46,7 +46,7 @@ __all__ = ["train_member", "run_cell", "run_ood", "available_ood", "ensemble_ave
 
 METRIC_NAMES = ("accuracy", "ece", "nll", "brier")
 # blob_pyro.uncertainty.UNCERTAINTY_METRICS: absent from rows predicted before they were reported
-UNCERTAINTY_NAMES = ("entropy", "expected_entropy", "mutual_information", "aurc", "accuracy_at_80")
+UNCERTAINTY_NAMES = ("confidence", "entropy", "expected_entropy", "mutual_information", "aurc", "accuracy_at_80")
 
 
 def say(msg: str) -> None:
