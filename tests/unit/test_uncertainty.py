@@ -183,3 +183,4 @@ def test_uncertainty_metrics_of_draws():
     assert m["expected_entropy"] == pytest.approx(float(expected_entropy(draws).mean()))
     assert m["mutual_information"] == pytest.approx(m["entropy"] - m["expected_entropy"])
     assert m["aurc"] == pytest.approx(aurc(mean, labels)) and m["accuracy_at_80"] == selective_accuracy(mean, labels)
+    assert m["confidence"] == pytest.approx(float(mean.max(-1).values.mean()))  # of the average, not of each draw
