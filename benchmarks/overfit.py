@@ -113,10 +113,12 @@ def main(argv=None) -> int:
         recent.clear()
         lines.append(json.dumps(rec))
         out_path.write_text("\n".join(lines) + "\n")
-        print(f"step {step:5d} ep {rec['epochs']:5.1f}  train nll {tr['nll']:.3f} acc {tr['accuracy']:.3f}  "
-              f"holdout nll {ho['nll']:.3f} acc {ho['accuracy']:.3f} ece {ho['ece']:.3f} conf {ho['confidence']:.3f}",
-              + (f"  | N={args.final_samples}: nll {final['nll']:.3f} acc {final['accuracy']:.3f} "
-                 f"ece {final['ece']:.3f} conf {final['confidence']:.3f}" if final else ""), flush=True)
+        line = (f"step {step:5d} ep {rec['epochs']:5.1f}  train nll {tr['nll']:.3f} acc {tr['accuracy']:.3f}  "
+                f"holdout nll {ho['nll']:.3f} acc {ho['accuracy']:.3f} ece {ho['ece']:.3f} conf {ho['confidence']:.3f}")
+        if final:
+            line += (f"  | N={args.final_samples}: nll {final['nll']:.3f} acc {final['accuracy']:.3f} "
+                     f"ece {final['ece']:.3f} conf {final['confidence']:.3f}")
+        print(line, flush=True)
 
     def callback(record: dict, _state: dict) -> None:
         recent.append(record)
