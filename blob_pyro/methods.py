@@ -56,9 +56,15 @@ METHODS = {
                                          "training split, dividing the logits at prediction (blob_pyro.temperature)",
                           requires={"guide": "auto_delta", **_NO_KL},
                           defaults={"num_samples": 0, "calibration_fraction": 0.1}),
+    "tfb": Method("tfb", "mle on factor A, then training-free Bayesianization: a Gaussian on A' (B's SVD) whose one "
+                         "scale sigma is the largest keeping the NLL of training examples within tfb_threshold "
+                         "(blob_pyro.tfb)",
+                  requires={"guide": "auto_delta", "bayesian_factor": "A", **_NO_KL},
+                  defaults={"num_samples": 10, "tfb_threshold": 0.01, "tfb_search_steps": 10, "tfb_sigma_max": 0.2}),
 }
 
-OWN_SETTINGS = {"ensemble_size": "ensemble", "calibration_fraction": "temperature"}
+OWN_SETTINGS = {"ensemble_size": "ensemble", "calibration_fraction": "temperature", "tfb_threshold": "tfb",
+                "tfb_anchor_size": "tfb", "tfb_search_steps": "tfb", "tfb_sigma_max": "tfb"}
 """Settings that only one method reads: given with another method they are refused rather than ignored."""
 
 PRESETS = {
@@ -77,6 +83,21 @@ def _apply(flat: dict, method: Method, label: str) -> None:
     for key, value in method.defaults.items():
         if flat.get(key) is None:
             flat[key] = value
+
+
+def _check_tfb(out: dict) -> None:
+    threshold, size = out["tfb_threshold"], out.get("tfb_anchor_size")
+    if not (math.isfinite(threshold) and threshold > 0):
+        raise ConfigError(f"method=tfb bounds the anchor NLL change by tfb_threshold > 0; got tfb_threshold={threshold}")
+    if size is not None and size < 1:
+        raise ConfigError(f"method=tfb needs a non-empty anchor set of training examples; got tfb_anchor_size={size}")
+    if out["tfb_search_steps"] < 0:
+        raise ConfigError(f"tfb_search_steps must be >= 0; got {out['tfb_search_steps']}")
+    if not (math.isfinite(out["tfb_sigma_max"]) and out["tfb_sigma_max"] > 0):
+        raise ConfigError(f"tfb_sigma_max must be a finite number > 0; got {out['tfb_sigma_max']}")
+    if out.get("num_samples") == 0:
+        raise ConfigError("method=tfb scores each sigma with posterior draws; got num_samples=0 (evaluate a finished "
+                          "run at the mean with blob-pyro evaluate --num-samples 0)")
 
 
 def _closed_form(family: str) -> bool:
@@ -107,6 +128,8 @@ def apply_method(flat: dict, method: str, preset: str | None = None) -> dict:
     if method == "temperature" and not 0 < out["calibration_fraction"] < 1:
         raise ConfigError(f"method=temperature holds out a share 0 < calibration_fraction < 1 of the training split; "
                           f"got calibration_fraction={out['calibration_fraction']}")
+    if method == "tfb":
+        _check_tfb(out)
     if method == "mcdropout" and not out.get("lora_dropout"):
         raise ConfigError("method=mcdropout needs lora_dropout > 0; got lora_dropout=0")
     if out.get("objective") == "paper" and out.get("guide") not in (None, "blob"):

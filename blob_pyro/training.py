@@ -17,6 +17,7 @@ A run directory::
     adapter/                  vanilla PEFT adapter holding the posterior mean (PeftModel.from_pretrained)
     posterior.safetensors     the guide's variational parameters
     temperature.json          method=temperature: the fitted T and the held-out training examples it was fitted on
+    tfb.json                  method=tfb: the searched sigma, the anchor training examples, their NLL at 0 and sigma, the trace
     predictions.safetensors   the eval split's labels (N,), probs (N, K) and per-draw logits (S, N, K)
     member0/ ... member<K-1>/ method=ensemble: one run folder per member (predictions.safetensors: their average,
                               member_logits (K, N, K))
@@ -69,6 +70,8 @@ class Run:
     held_out: object = None  # method=temperature: the training examples held out to fit T (never trained on)
     calibration: dict | None = None  # method=temperature: what temperature.json holds (T, the held-out slice)
     members: list | None = None  # method=ensemble: the members' Runs (model and guide are then None)
+    anchor: object = None  # method=tfb: the training examples (trained on) the sigma search scores
+    tfb: dict | None = None  # method=tfb: what tfb.json holds (sigma, the anchor set, the search)
 
 
 def set_seed(seed: int) -> None:
@@ -163,7 +166,7 @@ def build(cfg: RunConfig, *, with_data: bool = True, num_data: int | None = None
     cfg = cfg.resolve()
     set_seed(cfg.fit.seed)
     pyro.clear_param_store()
-    train = eval_split = held_out = None
+    train = eval_split = held_out = anchor = None
     if with_data:
         train, eval_split = load_splits(cfg.dataset, cfg.data_dir, train_limit=cfg.train_limit,
                                         eval_limit=cfg.eval_limit, holdout=cfg.holdout)
@@ -174,10 +177,15 @@ def build(cfg: RunConfig, *, with_data: bool = True, num_data: int | None = None
         if len(train) < cfg.fit.batch_size:
             raise ConfigError(f"batch_size={cfg.fit.batch_size} is larger than the training split "
                               f"({len(train)} examples)")
+        if cfg.method == "tfb":  # training examples the model is trained on too (the official anchor set)
+            from .tfb import DEFAULT_ANCHOR_SIZE, anchor_split
+
+            size = cfg.tfb_anchor_size if cfg.tfb_anchor_size is not None else min(DEFAULT_ANCHOR_SIZE, len(train))
+            anchor = anchor_split(train, size, cfg.fit.seed)
     if train is not None and num_data is not None and num_data != len(train):
         raise ConfigError(f"num_data={num_data} but the training split has {len(train)} examples")
     model = build_model(cfg, num_data=len(train) if train is not None else (num_data or 1))
-    return Run(cfg, model, _make_guide(cfg, model), train, eval_split, held_out)
+    return Run(cfg, model, _make_guide(cfg, model), train, eval_split, held_out, anchor=anchor)
 
 
 def post_fit(run: Run) -> None:
@@ -185,7 +193,13 @@ def post_fit(run: Run) -> None:
 
     ``method=temperature``: fit T on ``run.held_out`` (:func:`blob_pyro.temperature.calibrate`), set
     ``run.model.temperature`` and ``run.calibration``.
+
+    ``method=tfb``: search sigma on ``run.anchor`` (:func:`blob_pyro.tfb.bayesianize`), replace ``run.guide`` (the
+    trained point estimate) by the TFB guide and set ``run.tfb``.
     """
+    if run.config.method == "tfb":
+        _post_fit_tfb(run)
+        return
     if run.config.method != "temperature":
         return
     from .temperature import calibrate
@@ -194,6 +208,19 @@ def post_fit(run: Run) -> None:
         raise ConfigError("method=temperature needs the held-out training slice; build the run with its data")
     run.calibration = calibrate(run.model, run.guide, run.held_out, batch_size=run.config.predict.eval_batch_size,
                                 autocast_dtype=run.config.runtime.autocast_dtype())
+
+
+def _post_fit_tfb(run: Run) -> None:
+    from .tfb import bayesianize
+
+    cfg = run.config
+    if run.anchor is None:
+        raise ConfigError("method=tfb needs its anchor set of training examples; build the run with its data")
+    record = bayesianize(run.model, run.guide, run.anchor, threshold=cfg.tfb_threshold, sigma_max=cfg.tfb_sigma_max,
+                         steps=cfg.tfb_search_steps, num_samples=cfg.predict.num_samples, seed=cfg.fit.seed,
+                         batch_size=cfg.predict.eval_batch_size, autocast_dtype=cfg.runtime.autocast_dtype())
+    run.guide = record.pop("guide")
+    run.tfb = record
 
 
 PREDICTIONS = "predictions.safetensors"
@@ -256,6 +283,10 @@ def save_run(out_dir, run: Run, *, metrics: dict | None = None, prediction=None)
         if prediction.logits is not None:
             tensors["logits"] = prediction.logits.float()
         atomic_save_safetensors(out / PREDICTIONS, tensors)
+    if run.tfb is not None:
+        from .tfb import TFB_FILE
+
+        atomic_write_text(out / TFB_FILE, json.dumps(run.tfb, indent=2) + "\n")
     if metrics is not None:
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
 
@@ -315,7 +346,14 @@ def load_run(run_dir, *, dataset: str | None = None, data_dir: str | None = None
     set_seed(cfg.fit.seed)
     pyro.clear_param_store()
     model = build_model(cfg, adapter_dir=adapter)
-    guide = _make_guide(cfg, model)
+    tfb = None
+    if cfg.method == "tfb":  # trained as a point estimate; the posterior is the TFB guide on A' (blob_pyro.tfb)
+        from .tfb import read_record, tfb_guide
+
+        tfb = read_record(run_dir)
+        guide = tfb_guide(model, {s.name: torch.ones(s.shape[0]) for s in model.sites}, tfb["sigma"])
+    else:
+        guide = _make_guide(cfg, model)
     with torch.no_grad():
         guide()  # Pyro's autoguides create their parameters at the first call
     pyro.clear_param_store()  # the param store would otherwise win over the loaded values
@@ -334,7 +372,7 @@ def load_run(run_dir, *, dataset: str | None = None, data_dir: str | None = None
         eval_split = eval_split_of(cfg, dataset, data_dir)
     if dataset is not None and dataset != cfg.dataset:
         retarget_head(model, dataset)
-    return Run(cfg, model, guide, None, eval_split, calibration=calibration)
+    return Run(cfg, model, guide, None, eval_split, calibration=calibration, tfb=tfb)
 
 
 def eval_split_of(cfg: RunConfig, dataset: str | None = None, data_dir: str | None = None):

@@ -122,7 +122,8 @@ def test_evaluate_predicts_with_the_runs_settings(tmp_path):
     run = _trained_tiny()
     metrics = evaluate(run, progress=False)
     assert set(metrics) == {"accuracy", "ece", "nll", "brier", "dataset", "split", "num_samples", "num_examples",
-                            "ece_bins", "confidence", "entropy", "expected_entropy", "mutual_information", "aurc", "accuracy_at_80"}
+                            "ece_bins", "confidence", "entropy", "expected_entropy", "mutual_information", "aurc",
+                            "accuracy_at_80"}
     assert (metrics["dataset"], metrics["split"], metrics["num_samples"], metrics["num_examples"],
             metrics["ece_bins"]) == ("tiny", "dev", 3, 10, 15)
     assert metrics["mutual_information"] > 0
