@@ -110,6 +110,12 @@ def main(argv=None) -> int:
                "seconds": time.perf_counter() - start,
                **{f"train_{k}": v for k, v in tr.items()}, **{f"holdout_{k}": v for k, v in ho.items()},
                **{f"holdout_n{args.final_samples}_{k}": v for k, v in final.items()}}
+        if hasattr(run.guide, "site_distribution") and step == cfg.fit.max_steps:
+            with torch.no_grad():  # how far the posterior widened: its mean std and mean |mean| over every entry
+                d = [run.guide.site_distribution(site.name) for site in run.model.sites]
+                n = sum(x.mean.numel() for x in d)
+                rec["posterior_std"] = float(sum(x.stddev.double().sum() for x in d) / n)
+                rec["posterior_abs_mean"] = float(sum(x.mean.double().abs().sum() for x in d) / n)
         recent.clear()
         lines.append(json.dumps(rec))
         out_path.write_text("\n".join(lines) + "\n")
