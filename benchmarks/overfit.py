@@ -11,13 +11,16 @@ over-fitting regime the BLoB paper works in.
         --every 100 --set method=mle lr=1e-3 batch_size=8 max_length=128 --out bench_out/overfit/mle.jsonl
 
 The predictions inside the loop run under saved-and-restored RNG state and in eval mode, so the run trains
-exactly as it would without them.
+exactly as it would without them. ``--table`` prints the last record of each given file as one markdown table:
+
+    python -m benchmarks.overfit --table bench_out/overfit/arce_*.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -44,7 +47,41 @@ def _summary(out, bins: int) -> dict:
     return {"accuracy": m["accuracy"], "ece": m["ece"], "nll": m["nll"], "confidence": conf}
 
 
+def table(paths: list[str]) -> str:
+    """Markdown: one row per curve file (its final record): held-out metrics at N = 0 and at the final N."""
+    head = ("| run | step | epochs | train NLL | held-out NLL | held-out acc % | ECE % | conf − acc (pt) | "
+            "N=10 NLL | N=10 acc % | N=10 ECE % | N=10 conf − acc (pt) | posterior std |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for path in paths:
+        recs = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        if not recs:
+            continue
+        r = recs[-1]
+        nk = next((m.group(1) for m in map(re.compile(r"(holdout_n\d+)_nll$").match, r) if m), None)
+
+        def pct(key, rec=r):
+            return f"{100 * rec[key]:.1f}" if key in rec else "-"
+
+        def gap(prefix, rec=r):
+            if prefix + "_accuracy" not in rec:
+                return "-"
+            return f"{100 * (rec[prefix + '_confidence'] - rec[prefix + '_accuracy']):+.1f}"
+
+        cells = [Path(path).stem, str(r["step"]), f"{r['epochs']:.1f}", f"{r['train_nll']:.3f}", f"{r['holdout_nll']:.3f}",
+                 pct("holdout_accuracy"), pct("holdout_ece"), gap("holdout"),
+                 f"{r[nk + '_nll']:.3f}" if nk else "-", pct(f"{nk}_accuracy") if nk else "-",
+                 pct(f"{nk}_ece") if nk else "-", gap(nk) if nk else "-",
+                 f"{r['posterior_std']:.4f}" if "posterior_std" in r else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "--table":
+        print(table(argv[1:]))
+        return 0
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", required=True)
     p.add_argument("--data-dir", default=None)
