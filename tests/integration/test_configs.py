@@ -44,6 +44,16 @@ def test_main_protocol_is_one_budget_in_the_over_fitting_regime(tmp_path):
     assert blob.predict == {"blob": None, "blob_mean": 0}  # BLoB N=10 and N=0 from one run
 
 
+def test_main_ood_grid_reuses_the_main_grids_openbookqa_runs(tmp_path):
+    main = load_grid(Path(CONFIGS[0]).parent / "main_cpu.json", data_dir=str(tmp_path))
+    ood = load_grid(Path(CONFIGS[0]).parent / "main_ood_cpu.json", data_dir=str(tmp_path))
+    assert ood.output_dir == main.output_dir and ood.datasets == ["openbookqa"]
+    assert ood.ood_datasets[:2] == ["arc_challenge", "arc_easy"]
+    cells = {c.dir: c.member_configs(main.base) for c in cells_of(main) if c.dataset == "openbookqa"}
+    for cell in cells_of(ood):  # the same folders with the same settings: finished cells are reused, not retrained
+        assert [c.to_dict() for c in cell.member_configs(ood.base)] == [c.to_dict() for c in cells[cell.dir]]
+
+
 def test_long_budget_variants_change_one_thing(tmp_path):
     grid = load_grid(Path(CONFIGS[0]).parent / "long_budget_cpu.json", data_dir=str(tmp_path),
                            datasets=["openbookqa"])
