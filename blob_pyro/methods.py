@@ -56,9 +56,15 @@ METHODS = {
                                          "training split, dividing the logits at prediction (blob_pyro.temperature)",
                           requires={"guide": "auto_delta", **_NO_KL},
                           defaults={"num_samples": 0, "calibration_fraction": 0.1}),
+    "laplace": Method("laplace", "map, then a post-hoc Laplace approximation N(MAP, (GGN + delta I)^-1) over the LoRA "
+                                 "factors, delta tuned by the marginal likelihood (blob_pyro.laplace)",
+                      requires={"guide": "auto_delta", "bayesian_factor": "both", "kl_schedule": "standard",
+                                "prior": "normal"},
+                      defaults={"num_samples": 10, "laplace_hessian": "diag", "laplace_subset": "all"}),
 }
 
-OWN_SETTINGS = {"ensemble_size": "ensemble", "calibration_fraction": "temperature"}
+OWN_SETTINGS = {"ensemble_size": "ensemble", "calibration_fraction": "temperature", "laplace_hessian": "laplace",
+                "laplace_subset": "laplace"}
 """Settings that only one method reads: given with another method they are refused rather than ignored."""
 
 PRESETS = {

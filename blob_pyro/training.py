@@ -17,6 +17,8 @@ A run directory::
     adapter/                  vanilla PEFT adapter holding the posterior mean (PeftModel.from_pretrained)
     posterior.safetensors     the guide's variational parameters
     temperature.json          method=temperature: the fitted T and the held-out training examples it was fitted on
+    laplace.json              method=laplace: the prior precision found, its marginal-likelihood trace, the hessian
+                              structure, time and memory (posterior.safetensors then holds MAP point and precision)
     member0/ ... member<K-1>/ method=ensemble: one run folder per member (predictions.safetensors: their average)
     metrics.json              accuracy, ece, nll, brier + dataset, split, num_samples
 """
@@ -66,6 +68,7 @@ class Run:
     held_out: object = None  # method=temperature: the training examples held out to fit T (never trained on)
     calibration: dict | None = None  # method=temperature: what temperature.json holds (T, the held-out slice)
     members: list | None = None  # method=ensemble: the members' Runs (model and guide are then None)
+    laplace: dict | None = None  # method=laplace: what laplace.json holds (guide is then the LaplaceGuide)
 
 
 def set_seed(seed: int) -> None:
@@ -181,8 +184,19 @@ def post_fit(run: Run) -> None:
     """The post-hoc step of a method, after :func:`~blob_pyro.infer.fit` and before prediction (a no-op for most).
 
     ``method=temperature``: fit T on ``run.held_out`` (:func:`blob_pyro.temperature.calibrate`), set
-    ``run.model.temperature`` and ``run.calibration``.
+    ``run.model.temperature`` and ``run.calibration``. ``method=laplace``: fit the Laplace posterior around the
+    MAP point on ``run.train`` (:func:`blob_pyro.laplace.fit_laplace`), replace ``run.guide`` by it and set
+    ``run.laplace``.
     """
+    if run.config.method == "laplace":
+        from .laplace import fit_laplace
+
+        if run.train is None:
+            raise ConfigError("method=laplace fits its posterior on the training split; build the run with its data")
+        result = fit_laplace(run.model, run.guide, run.train, hessian=run.config.laplace_hessian,
+                             subset=run.config.laplace_subset)
+        run.guide, run.laplace = result.guide, result.info
+        return
     if run.config.method != "temperature":
         return
     from .temperature import calibrate
@@ -240,6 +254,10 @@ def save_run(out_dir, run: Run, *, metrics: dict | None = None) -> None:
     meta = {"guide": type(guide).__name__, "bayesian_factor": model.bayesian_factor,
             "sites": json.dumps([s.name for s in model.sites])}
     atomic_save_safetensors(out / "posterior.safetensors", guide_state(guide), metadata=meta)
+    if run.laplace is not None:
+        from .laplace import LAPLACE_FILE
+
+        atomic_write_text(out / LAPLACE_FILE, json.dumps(run.laplace, indent=2) + "\n")
     if run.calibration is not None:
         from .temperature import TEMPERATURE_FILE
 
@@ -303,9 +321,15 @@ def load_run(run_dir, *, dataset: str | None = None, data_dir: str | None = None
     set_seed(cfg.fit.seed)
     pyro.clear_param_store()
     model = build_model(cfg, adapter_dir=adapter)
-    guide = _make_guide(cfg, model)
-    with torch.no_grad():
-        guide()  # Pyro's autoguides create their parameters at the first call
+    laplace = _read_laplace(run_dir) if cfg.method == "laplace" else None
+    if laplace is not None:  # the saved guide is the Laplace posterior, not the MAP's AutoDelta
+        from .laplace import placeholder_guide
+
+        guide = placeholder_guide(model, hessian=cfg.laplace_hessian, subset=cfg.laplace_subset)
+    else:
+        guide = _make_guide(cfg, model)
+        with torch.no_grad():
+            guide()  # Pyro's autoguides create their parameters at the first call
     pyro.clear_param_store()  # the param store would otherwise win over the loaded values
     missing = set(guide.state_dict()) - set(state)
     extra = set(state) - set(guide.state_dict())
@@ -322,7 +346,7 @@ def load_run(run_dir, *, dataset: str | None = None, data_dir: str | None = None
         eval_split = eval_split_of(cfg, dataset, data_dir)
     if dataset is not None and dataset != cfg.dataset:
         retarget_head(model, dataset)
-    return Run(cfg, model, guide, None, eval_split, calibration=calibration)
+    return Run(cfg, model, guide, None, eval_split, calibration=calibration, laplace=laplace)
 
 
 def eval_split_of(cfg: RunConfig, dataset: str | None = None, data_dir: str | None = None):
@@ -346,6 +370,22 @@ def _read_temperature(run_dir: Path) -> dict:
         raise RunError(f"{path} does not hold a temperature: {err}") from err
     if not (t > 0 and t < float("inf")):
         raise RunError(f"{path}: temperature must be a finite number > 0; got {t}")
+    return record
+
+
+def _read_laplace(run_dir: Path) -> dict:
+    from .laplace import LAPLACE_FILE
+
+    path = run_dir / LAPLACE_FILE
+    try:
+        record = json.loads(path.read_text())
+        delta = float(record["prior_precision"])
+    except FileNotFoundError as err:
+        raise RunError(f"{path} is missing: a method=laplace run keeps its Laplace fit there") from err
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
+        raise RunError(f"{path} does not hold a Laplace fit: {err}") from err
+    if not (delta > 0 and delta < float("inf")):
+        raise RunError(f"{path}: prior_precision must be a finite number > 0; got {delta}")
     return record
 
 
