@@ -304,7 +304,7 @@ def fit_laplace(model, guide, data, *, hessian: str = "diag", subset: str = "all
     device = point[sites[0].name].device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     curvature, loglik = ggn(model, point, sites, data, hessian=hessian, progress=progress)
     ggn_seconds = time.perf_counter() - start
     eigenvalues = curvature if hessian == "diag" else torch.linalg.eigvalsh(curvature)
@@ -329,6 +329,7 @@ def fit_laplace(model, guide, data, *, hessian: str = "diag", subset: str = "all
             "marglik_at_map_prior": (log_marglik(map_prior, eigenvalues, sq_norm, loglik)
                                      if map_prior is not None else None),
             "effective_parameters": gamma, "marglik_trace": trace, "seconds": time.perf_counter() - start,
+            "cpu_seconds": time.process_time() - cpu_start,
             "ggn_seconds": ggn_seconds, **_peak_memory(device)}
     return LaplaceFit(lap, info)
 
