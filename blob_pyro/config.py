@@ -161,8 +161,8 @@ class RunConfig:
     eval_limit: Optional[int] = _f(None, "evaluate on the first N examples only")
     holdout: Optional[int] = _f(None, "evaluate on the last N examples of the training split, never trained on, "
                                       "instead of the dev split (choose budgets and recipes without dev)")
-    method: str = _f("blob", "blob | mle (plain LoRA) | map | mcdropout | bbb | ensemble | temperature | tfb: a preset "
-                             "of the settings it implies (docs/methods.md)", choices=tuple(METHODS))
+    method: str = _f("blob", "blob | mle (plain LoRA) | map | mcdropout | bbb | ensemble | temperature | tfb | laplace: a "
+                             "preset of the settings it implies (docs/methods.md)", choices=tuple(METHODS))
     ensemble_size: Optional[int] = _f(None, "method=ensemble: number K >= 2 of mle members (default 3)")
     calibration_fraction: Optional[float] = _f(None, "method=temperature: share of the training split held out "
                                                      "(chosen by the seed, not trained on) to fit T (default 0.1)")
@@ -174,6 +174,10 @@ class RunConfig:
     tfb_search_steps: Optional[int] = _f(None, "method=tfb: bisection steps of the sigma search (default 10)")
     tfb_sigma_max: Optional[float] = _f(None, "method=tfb: upper end of the sigma search, tried first (default 0.2, "
                                               "the official --bayes-beta)")
+    laplace_hessian: Optional[str] = _f(None, "method=laplace: the GGN's structure, diag | full (full: at most 8192 "
+                                              "parameters; default diag)", choices=(None, "diag", "full"))
+    laplace_subset: Optional[str] = _f(None, "method=laplace: which LoRA factors, all | last_layer (those of the last "
+                                             "LoRA module; default all)", choices=(None, "all", "last_layer"))
     preset: Optional[str] = _f(None, "'paper': the official optimisation (A factor, AdamW on NLL + SGD on KL)",
                                choices=(None, *PRESETS))
     adapter: AdapterConfig = field(default_factory=AdapterConfig)

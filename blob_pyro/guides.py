@@ -281,6 +281,10 @@ def guide_std(guide) -> dict[str, torch.Tensor]:
         return {n: deep_getattr(guide.scales, n).detach() for n in _site_names(guide)}
     if isinstance(guide, AutoDelta):
         return {n: torch.zeros_like(v) for n, v in guide.median().items()}
+    from .laplace import LaplaceGuide
+
+    if isinstance(guide, LaplaceGuide):
+        return guide.std()
     raise TypeError(f"no std summary for guide type {type(guide).__name__}")
 
 

@@ -61,10 +61,16 @@ METHODS = {
                          "(blob_pyro.tfb)",
                   requires={"guide": "auto_delta", "bayesian_factor": "A", **_NO_KL},
                   defaults={"num_samples": 10, "tfb_threshold": 0.01, "tfb_search_steps": 10, "tfb_sigma_max": 0.2}),
+    "laplace": Method("laplace", "map, then a post-hoc Laplace approximation N(MAP, (GGN + delta I)^-1) over the LoRA "
+                                 "factors, delta tuned by the marginal likelihood (blob_pyro.laplace)",
+                      requires={"guide": "auto_delta", "bayesian_factor": "both", "kl_schedule": "standard",
+                                "prior": "normal"},
+                      defaults={"num_samples": 10, "laplace_hessian": "diag", "laplace_subset": "all"}),
 }
 
 OWN_SETTINGS = {"ensemble_size": "ensemble", "calibration_fraction": "temperature", "tfb_threshold": "tfb",
-                "tfb_anchor_size": "tfb", "tfb_search_steps": "tfb", "tfb_sigma_max": "tfb"}
+                "tfb_anchor_size": "tfb", "tfb_search_steps": "tfb", "tfb_sigma_max": "tfb", "laplace_hessian": "laplace",
+                "laplace_subset": "laplace"}
 """Settings that only one method reads: given with another method they are refused rather than ignored."""
 
 PRESETS = {

@@ -18,6 +18,8 @@ A run directory::
     posterior.safetensors     the guide's variational parameters
     temperature.json          method=temperature: the fitted T and the held-out training examples it was fitted on
     tfb.json                  method=tfb: the searched sigma, the anchor training examples, their NLL at 0 and sigma, the trace
+    laplace.json              method=laplace: the prior precision found, its marginal-likelihood trace, the hessian
+                              structure, time and memory (posterior.safetensors then holds MAP point and precision)
     predictions.safetensors   the eval split's labels (N,), probs (N, K) and per-draw logits (S, N, K)
     member0/ ... member<K-1>/ method=ensemble: one run folder per member (predictions.safetensors: their average,
                               member_logits (K, N, K))
@@ -72,6 +74,7 @@ class Run:
     members: list | None = None  # method=ensemble: the members' Runs (model and guide are then None)
     anchor: object = None  # method=tfb: the training examples (trained on) the sigma search scores
     tfb: dict | None = None  # method=tfb: what tfb.json holds (sigma, the anchor set, the search)
+    laplace: dict | None = None  # method=laplace: what laplace.json holds (guide is then the LaplaceGuide)
 
 
 def set_seed(seed: int) -> None:
@@ -196,9 +199,21 @@ def post_fit(run: Run) -> None:
 
     ``method=tfb``: search sigma on ``run.anchor`` (:func:`blob_pyro.tfb.bayesianize`), replace ``run.guide`` (the
     trained point estimate) by the TFB guide and set ``run.tfb``.
+
+    ``method=laplace``: fit the Laplace posterior around the MAP point on ``run.train``
+    (:func:`blob_pyro.laplace.fit_laplace`), replace ``run.guide`` by it and set ``run.laplace``.
     """
     if run.config.method == "tfb":
         _post_fit_tfb(run)
+        return
+    if run.config.method == "laplace":
+        from .laplace import fit_laplace
+
+        if run.train is None:
+            raise ConfigError("method=laplace fits its posterior on the training split; build the run with its data")
+        result = fit_laplace(run.model, run.guide, run.train, hessian=run.config.laplace_hessian,
+                             subset=run.config.laplace_subset)
+        run.guide, run.laplace = result.guide, result.info
         return
     if run.config.method != "temperature":
         return
@@ -274,6 +289,10 @@ def save_run(out_dir, run: Run, *, metrics: dict | None = None, prediction=None)
     meta = {"guide": type(guide).__name__, "bayesian_factor": model.bayesian_factor,
             "sites": json.dumps([s.name for s in model.sites])}
     atomic_save_safetensors(out / "posterior.safetensors", guide_state(guide), metadata=meta)
+    if run.laplace is not None:
+        from .laplace import LAPLACE_FILE
+
+        atomic_write_text(out / LAPLACE_FILE, json.dumps(run.laplace, indent=2) + "\n")
     if run.calibration is not None:
         from .temperature import TEMPERATURE_FILE
 
@@ -346,16 +365,23 @@ def load_run(run_dir, *, dataset: str | None = None, data_dir: str | None = None
     set_seed(cfg.fit.seed)
     pyro.clear_param_store()
     model = build_model(cfg, adapter_dir=adapter)
-    tfb = None
+    tfb = laplace = None
     if cfg.method == "tfb":  # trained as a point estimate; the posterior is the TFB guide on A' (blob_pyro.tfb)
         from .tfb import read_record, tfb_guide
 
         tfb = read_record(run_dir)
         guide = tfb_guide(model, {s.name: torch.ones(s.shape[0]) for s in model.sites}, tfb["sigma"])
+        with torch.no_grad():
+            guide()
+    elif cfg.method == "laplace":  # the saved guide is the Laplace posterior, not the MAP's AutoDelta
+        from .laplace import placeholder_guide
+
+        laplace = _read_laplace(run_dir)
+        guide = placeholder_guide(model, hessian=cfg.laplace_hessian, subset=cfg.laplace_subset)
     else:
         guide = _make_guide(cfg, model)
-    with torch.no_grad():
-        guide()  # Pyro's autoguides create their parameters at the first call
+        with torch.no_grad():
+            guide()  # Pyro's autoguides create their parameters at the first call
     pyro.clear_param_store()  # the param store would otherwise win over the loaded values
     missing = set(guide.state_dict()) - set(state)
     extra = set(state) - set(guide.state_dict())
@@ -372,7 +398,7 @@ def load_run(run_dir, *, dataset: str | None = None, data_dir: str | None = None
         eval_split = eval_split_of(cfg, dataset, data_dir)
     if dataset is not None and dataset != cfg.dataset:
         retarget_head(model, dataset)
-    return Run(cfg, model, guide, None, eval_split, calibration=calibration, tfb=tfb)
+    return Run(cfg, model, guide, None, eval_split, calibration=calibration, tfb=tfb, laplace=laplace)
 
 
 def eval_split_of(cfg: RunConfig, dataset: str | None = None, data_dir: str | None = None):
@@ -396,6 +422,22 @@ def _read_temperature(run_dir: Path) -> dict:
         raise RunError(f"{path} does not hold a temperature: {err}") from err
     if not (t > 0 and t < float("inf")):
         raise RunError(f"{path}: temperature must be a finite number > 0; got {t}")
+    return record
+
+
+def _read_laplace(run_dir: Path) -> dict:
+    from .laplace import LAPLACE_FILE
+
+    path = run_dir / LAPLACE_FILE
+    try:
+        record = json.loads(path.read_text())
+        delta = float(record["prior_precision"])
+    except FileNotFoundError as err:
+        raise RunError(f"{path} is missing: a method=laplace run keeps its Laplace fit there") from err
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
+        raise RunError(f"{path} does not hold a Laplace fit: {err}") from err
+    if not (delta > 0 and delta < float("inf")):
+        raise RunError(f"{path}: prior_precision must be a finite number > 0; got {delta}")
     return record
 
 

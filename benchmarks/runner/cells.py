@@ -10,8 +10,9 @@ gains a ``bench`` section; metrics.json is written last.
 
 The entries (the methods' semantics are :data:`blob_pyro.methods.METHODS`, docs/methods.md):
 
-- ``mle``, ``map``, ``mcdropout``, ``bbb``, ``temperature``, ``blob``: one run (``temperature`` fits T after
-  training, :func:`blob_pyro.training.post_fit`); ``blob`` by default predicts two rows from the same trained
+- ``mle``, ``map``, ``mcdropout``, ``bbb``, ``temperature``, ``laplace``, ``blob``: one run (``temperature`` fits
+  T after training, ``laplace`` its posterior around the MAP, :func:`blob_pyro.training.post_fit`, counted in the
+  training time); ``blob`` by default predicts two rows from the same trained
   run, ``blob`` (``num_samples`` draws) and ``blob_mean`` (N = 0, the posterior mean).
 - ``ensemble``: ``members`` (the grid's ``ensemble_size``, 3) independent ``member_method`` (``mle``) runs with
   seeds ``seed + 1000·j`` (:func:`blob_pyro.ensemble.member_seed`); row ``ensemble`` averages the members'

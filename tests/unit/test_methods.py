@@ -52,6 +52,7 @@ def _one_line(excinfo) -> str:
     ("ensemble", "auto_delta", "B", ("fixed", 0.0), 0, 0.0, 0.05),
     ("temperature", "auto_delta", "B", ("fixed", 0.0), 0, 0.0, 0.05),
     ("tfb", "auto_delta", "A", ("fixed", 0.0), 10, 0.0, 0.05),
+    ("laplace", "auto_delta", "both", ("standard", 1.0), 10, 0.0, 0.05),
 ])
 def test_every_method_resolves_to_its_settings(method, guide, factor, kl, samples, dropout, eps):
     cfg = _resolve(method=method)
@@ -60,7 +61,7 @@ def test_every_method_resolves_to_its_settings(method, guide, factor, kl, sample
     assert (cfg.predict.num_samples, cfg.adapter.lora_dropout, b.eps) == (samples, dropout, pytest.approx(eps))
     assert (cfg.fit.objective, b.prior) == ("elbo", "normal")
     assert cfg.resolve() == cfg  # idempotent: a saved resolved config reloads unchanged
-    assert set(METHODS) == {"blob", "mle", "map", "mcdropout", "bbb", "ensemble", "temperature", "tfb"}
+    assert set(METHODS) == {"blob", "mle", "map", "mcdropout", "bbb", "ensemble", "temperature", "tfb", "laplace"}
 
 
 def test_the_paper_preset_resolves_to_the_official_optimisation():
@@ -119,7 +120,7 @@ def test_mcdropout_refuses_zero_dropout():
 
 
 def test_unknown_method_or_preset_names_the_choices():
-    with pytest.raises(ConfigError, match="blob, mle, map, mcdropout, bbb, ensemble, temperature"):
+    with pytest.raises(ConfigError, match="blob, mle, map, mcdropout, bbb, ensemble, temperature, tfb, laplace"):
         apply_method({}, "swag")
     with pytest.raises(ConfigError, match="choose one of paper"):
         apply_method({}, "blob", "fast")

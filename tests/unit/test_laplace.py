@@ -1,0 +1,243 @@
+"""blob_pyro.laplace and method=laplace on the tiny network: the GGN against hand-computed and independently
+computed answers, a positive-definite posterior precision, a prior precision that maximises the Laplace marginal
+likelihood, draws that differ from the MAP's, and a save->load round trip of the Laplace guide and laplace.json."""
+
+import json
+import math
+
+import pyro
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from blob_pyro.config import RunConfig
+from blob_pyro.errors import ConfigError, RunError
+from blob_pyro.guides import guide_std, make_guide
+from blob_pyro.infer import fit
+from blob_pyro.laplace import (
+    LAPLACE_FILE,
+    LaplaceGuide,
+    fit_laplace,
+    ggn,
+    laplace_sites,
+    log_marglik,
+    placeholder_guide,
+    tune_prior_precision,
+)
+from blob_pyro.lora import inject_lora
+from blob_pyro.model import BlobModel
+from blob_pyro.predictive import predict
+from blob_pyro.priors import NormalPrior
+from blob_pyro.training import _read_laplace, guide_state, post_fit, save_run
+
+from .tiny import IN, TinyHead, tiny_examples, tiny_run
+
+pyro.enable_validation(True)
+
+
+def _map_run(hessian="diag", subset="all", steps=30):
+    cfg = RunConfig.from_dict({"method": "laplace", "laplace_hessian": hessian, "laplace_subset": subset,
+                               "lr": 5e-2, "max_steps": steps, "batch_size": 4, "seed": 1, "eval_batch_size": 8})
+    run = tiny_run(cfg, num_data=16)
+    run.train = tiny_examples(16, seed=5)
+    fit(run.model, run.guide, run.train, run.config.fit, progress=False)
+    return run
+
+
+def test_method_laplace_resolves_to_map_plus_its_own_settings_and_refuses_conflicts():
+    cfg = RunConfig.from_dict({"method": "laplace"}).resolve()
+    assert (cfg.bayes.guide, cfg.bayes.bayesian_factor, cfg.fit.kl_schedule, cfg.bayes.prior) == \
+        ("auto_delta", "both", "standard", "normal")
+    assert (cfg.predict.num_samples, cfg.laplace_hessian, cfg.laplace_subset) == (10, "diag", "all")
+    with pytest.raises(ConfigError) as err:  # no MAP point: a BLoB guide
+        RunConfig.from_dict({"method": "laplace", "guide": "blob"}).resolve()
+    assert str(err.value) == "method=laplace implies guide=auto_delta; got guide=blob (drop one of them)"
+    with pytest.raises(ConfigError, match="laplace_hessian must be one of diag, full; got 'kfac'"):
+        RunConfig.from_dict({"method": "laplace", "laplace_hessian": "kfac"}).resolve()
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_dict({"method": "map", "laplace_hessian": "diag"}).resolve()
+    assert str(err.value) == "laplace_hessian is a setting of method=laplace; got method=map"
+
+
+def test_fit_laplace_refuses_a_guide_without_a_map_point():
+    model = tiny_run(RunConfig.from_dict({"method": "blob"})).model
+    with pytest.raises(RunError) as err:
+        fit_laplace(model, make_guide("blob", model), tiny_examples(4))
+    assert "needs a MAP point" in str(err.value) and "\n" not in str(err.value)
+
+
+class _Linear(torch.nn.Module):
+    """logits = W · mean_t(x): one LoRA-adapted Linear, so J is closed-form."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = {"model_type": "custom"}
+        self.proj = torch.nn.Linear(IN, 3, bias=False)
+
+    def forward(self, x):
+        return self.proj(x).mean(1)
+
+
+def test_the_diagonal_ggn_of_a_lora_linear_model_matches_the_hand_computation():
+    torch.manual_seed(0)
+    net = inject_lora(_Linear(), ["proj"], r=2, lora_alpha=4.0)
+    model = BlobModel(net, TinyHead(3), bayesian_factor="both", num_data=12, prior=NormalPrior(0.2), flipout=None)
+    point = {"proj.lora_A": 0.3 * torch.randn(2, IN), "proj.lora_B": 0.4 * torch.randn(3, 2)}
+    examples = tiny_examples(12, num_classes=3, seed=2)
+    diag, loglik = ggn(model, point, model.sites, examples, hessian="diag")
+    # by hand: f = (W0 + s B A) x̄;  ∂f_k/∂B_kj = s (A x̄)_j;  ∂f_k/∂A_jl = s B_kj x̄_l;  Λ = diag p − p pᵀ
+    s, a, b = 2.0, point["proj.lora_A"].double(), point["proj.lora_B"].double()
+    w = net.base_model.model.proj.base_layer.weight.double() + s * b @ a
+    batch = model.head.collate(examples)
+    xbar = batch["x"].double().mean(1)  # (N, IN)
+    p = torch.softmax(xbar @ w.T, -1)
+    want_a = torch.zeros(2, IN, dtype=torch.float64)
+    want_b = torch.zeros(3, 2, dtype=torch.float64)
+    for n in range(len(examples)):
+        lam = torch.diag(p[n]) - torch.outer(p[n], p[n])
+        want_b += s**2 * torch.diagonal(lam)[:, None] * (a @ xbar[n])[None, :] ** 2
+        want_a += s**2 * torch.einsum("kj,kq,qj->j", b, lam, b)[:, None] * xbar[n][None, :] ** 2
+    assert torch.allclose(diag, torch.cat([want_a.reshape(-1), want_b.reshape(-1)]), rtol=1e-5, atol=1e-9)
+    want_ll = torch.log(p[torch.arange(len(examples)), batch["labels"]]).sum()
+    assert loglik == pytest.approx(float(want_ll), rel=1e-5)
+
+
+def test_the_full_ggn_equals_an_independent_jacobian_and_its_diagonal_is_diag():
+    run = _map_run(steps=10)
+    model, sites = run.model, run.model.sites
+    point = {k: v.detach() for k, v in run.guide.median().items()}
+    examples = run.train[:6]
+    full, ll_full = ggn(model, point, sites, examples, hessian="full")
+    diag, ll_diag = ggn(model, point, sites, examples, hessian="diag")
+    # independently: torch.autograd.functional.jacobian of all examples' logits w.r.t. the flat vector
+    from blob_pyro.lora import bind_values
+
+    shapes = [s.shape for s in sites]
+    flat = torch.cat([point[s.name].reshape(-1) for s in sites])
+    batch = model.head.collate(examples)
+
+    def logits_of(v):
+        parts = torch.split(v, [math.prod(sh) for sh in shapes])
+        values = {s.name: t.reshape(s.shape) for s, t in zip(sites, parts)}
+        with bind_values(sites, values):
+            return model.head.logits(model.network, batch)
+
+    jac = torch.autograd.functional.jacobian(logits_of, flat).double()  # (N, K, D)
+    p = torch.softmax(logits_of(flat).detach().double(), -1)
+    lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    want = torch.einsum("nkd,nkq,nqe->de", jac, lam, jac)
+    assert torch.allclose(full, want, rtol=1e-5, atol=1e-9)
+    assert torch.allclose(diag, torch.diagonal(want), rtol=1e-5, atol=1e-9)
+    assert ll_full == pytest.approx(ll_diag)
+
+
+@pytest.mark.parametrize("hessian", ["diag", "full"])
+def test_the_posterior_precision_is_positive_definite_and_the_guide_draws_from_it(hessian):
+    run = _map_run(hessian)
+    result = fit_laplace(run.model, run.guide, run.train, hessian=hessian)
+    guide, info = result.guide, result.info
+    delta = info["prior_precision"]
+    assert delta > 0 and info["num_parameters"] == guide.num_parameters == sum(v.numel() for v in run.guide.median().values())
+    if hessian == "diag":
+        prec = torch.cat([guide.precision.get_submodule(n.rsplit(".", 1)[0]).get_buffer(n.rsplit(".", 1)[1])
+                          .reshape(-1) for n in guide.laplace_names])
+        assert (prec >= delta * (1 - 1e-6)).all()
+    else:
+        prec = guide.precision_matrix
+        assert torch.allclose(prec, prec.T)
+        assert torch.linalg.eigvalsh(prec).min() >= delta * (1 - 1e-6)
+        torch.linalg.cholesky(prec)  # positive definite
+    # the guide's draws have the MAP mean and the Laplace std
+    point = run.guide.median()
+    torch.manual_seed(0)
+    draws = [guide() for _ in range(4000)]
+    std = guide_std(guide)
+    for name in guide.site_names:
+        stacked = torch.stack([d[name] for d in draws])
+        assert torch.allclose(stacked.mean(0), point[name], atol=4 * float(std[name].max()) / math.sqrt(4000) + 1e-7)
+        assert torch.allclose(stacked.std(0), std[name], rtol=0.1)
+
+
+def test_the_tuned_prior_precision_maximises_the_marginal_likelihood():
+    run = _map_run("full")
+    info = fit_laplace(run.model, run.guide, run.train, hessian="full").info
+    point = run.guide.median()
+    sq = float(sum(v.double().square().sum() for v in point.values()))
+    full, loglik = ggn(run.model, point, run.model.sites, run.train, hessian="full")
+    eig = torch.linalg.eigvalsh(full)
+    delta = info["prior_precision"]
+    best = log_marglik(delta, eig, sq, loglik)
+    assert best == pytest.approx(info["marglik"])
+    for factor in (1.05, 1.5, 10.0):  # neighbours either side are worse
+        assert log_marglik(delta * factor, eig, sq, loglik) < best
+        assert log_marglik(delta / factor, eig, sq, loglik) < best
+    # the marglik from the eigenvalues is the determinant form: log det(GGN + δI) computed directly
+    direct = (loglik - 0.5 * delta * sq + 0.5 * eig.numel() * math.log(delta)
+              - 0.5 * torch.logdet(full + delta * torch.eye(len(full), dtype=torch.float64)))
+    assert best == pytest.approx(float(direct), rel=1e-9)
+    assert info["marglik"] >= info["marglik_at_map_prior"]
+    trace = info["marglik_trace"]
+    assert trace and all(t["marglik"] <= best + 1e-9 for t in trace)
+
+
+def test_tune_prior_precision_stops_at_its_bounds_when_the_maximum_lies_beyond():
+    eig = torch.tensor([1.0, 2.0])
+    assert tune_prior_precision(eig, 0.0, 0.0, hi=1e4)[0] == 1e4  # ‖θ*‖ = 0: marglik rises for ever
+    assert tune_prior_precision(torch.zeros(2), 1.0, 0.0, lo=1e-6)[0] == 1e-6  # no curvature: δ as small as allowed
+
+
+def test_last_layer_covers_only_the_last_lora_module_and_keeps_the_rest_at_the_map():
+    run = _map_run("diag", "last_layer")
+    sites = laplace_sites(run.model, "last_layer")
+    assert [s.name for s in sites] == ["layers.1.proj.lora_A", "layers.1.proj.lora_B"]
+    guide = fit_laplace(run.model, run.guide, run.train, subset="last_layer").guide
+    draw = guide()
+    point = run.guide.median()
+    assert torch.equal(draw["layers.0.proj.lora_A"], point["layers.0.proj.lora_A"])
+    assert not torch.equal(draw["layers.1.proj.lora_B"], point["layers.1.proj.lora_B"])
+    assert float(guide_std(guide)["layers.0.proj.lora_B"].abs().max()) == 0.0
+
+
+def test_full_is_refused_in_one_line_above_its_size_limit(monkeypatch):
+    import blob_pyro.laplace as laplace
+
+    monkeypatch.setattr(laplace, "FULL_MAX_PARAMETERS", 10)
+    run = _map_run(steps=1)
+    with pytest.raises(ConfigError) as err:
+        fit_laplace(run.model, run.guide, run.train, hessian="full")
+    assert "laplace_hessian=full over 240 parameters" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("hessian", ["diag", "full"])
+def test_post_fit_then_save_and_load_round_trips_the_laplace_posterior(tmp_path, hessian):
+    run = _map_run(hessian)
+    examples = tiny_examples(10, seed=2)
+    at_map = predict(run.model, run.guide, examples, num_samples=0, progress=False).probs
+    post_fit(run)
+    assert isinstance(run.guide, LaplaceGuide) and run.laplace["hessian"] == hessian
+    torch.manual_seed(3)
+    sampled = predict(run.model, run.guide, examples, num_samples=5, progress=False).probs
+    assert not torch.allclose(sampled, at_map, atol=1e-4)  # N > 0 draws differ from the MAP's prediction
+    assert torch.allclose(predict(run.model, run.guide, examples, num_samples=0, progress=False).probs, at_map,
+                          atol=1e-6)  # N = 0 is the MAP
+    save_run(tmp_path / "run", run, metrics={"accuracy": 0.5})
+    record = json.loads((tmp_path / "run" / LAPLACE_FILE).read_text())
+    assert record["prior_precision"] == run.laplace["prior_precision"] and record["hessian"] == hessian
+    assert {"marglik_trace", "seconds", "cpu_seconds", "num_parameters", "effective_parameters"} <= set(record)
+    assert _read_laplace(tmp_path / "run")["prior_precision"] == record["prior_precision"]
+    state = load_file(str(tmp_path / "run" / "posterior.safetensors"))
+    assert state.keys() == guide_state(run.guide).keys()
+    loaded = placeholder_guide(run.model, hessian=hessian, subset="all")
+    loaded.load_state_dict(state)
+    torch.manual_seed(3)
+    again = predict(run.model, loaded, examples, num_samples=5, progress=False).probs
+    assert torch.allclose(again, sampled, atol=1e-6)
+    assert float(loaded.prior_precision) == pytest.approx(record["prior_precision"])
+
+
+def test_a_damaged_laplace_json_is_refused_in_one_line(tmp_path):
+    with pytest.raises(RunError, match="laplace.json is missing"):
+        _read_laplace(tmp_path)
+    (tmp_path / LAPLACE_FILE).write_text(json.dumps({"prior_precision": -1}))
+    with pytest.raises(RunError, match="finite number > 0"):
+        _read_laplace(tmp_path)
