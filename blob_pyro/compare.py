@@ -187,12 +187,12 @@ def reliability_figure(result: Comparison, path) -> Path:
     from .training import PREDICTIONS
 
     n = len(result.rows)
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(4.8 * n, 4.8), squeeze=False)
     for ax, (label, m) in zip(axes[0], result.rows.items()):
         saved = load_file(str(result.dirs[label] / PREDICTIONS))
         reliability_diagram(saved["probs"], saved["labels"], n_bins=int(m.get("ece_bins", 15)), ax=ax)
         gap = 100 * (m["confidence"] - m["accuracy"]) if "confidence" in m else float("nan")
-        ax.set_title(f"{label}\naccuracy {100 * m['accuracy']:.1f}%, confidence {gap:+.1f} pt over it")
+        ax.set_title(f"{label}\naccuracy {100 * m['accuracy']:.1f}%, confidence − accuracy {gap:+.1f} pt", fontsize=10)
     any_row = next(iter(result.rows.values()))
     fig.suptitle(f"{any_row.get('dataset')} / {any_row.get('split')} (N={any_row.get('num_examples')})")
     return save_figure(fig, path)
