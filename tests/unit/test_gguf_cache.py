@@ -192,3 +192,25 @@ def test_the_cli_prints_one_line_and_exits_2(tmp_path, capsys, cache):
     argv = ["train", "--model", f"gguf:{tmp_path / 'absent.gguf'}", "--dataset", "winogrande_s", "--data-dir",
             str(data), "--max-steps", "1", "--batch-size", "4", "--quiet", "--output-dir", str(tmp_path / "out")]
     assert error_line(capsys, argv).endswith(f"GGUF file {tmp_path / 'absent.gguf'} does not exist")
+
+
+def test_a_run_trained_under_another_cache_root_still_matches_its_gguf_base(tiny_gguf, cache, tmp_path):
+    from blob_pyro.config import RunConfig
+    from blob_pyro.errors import RunError
+    from blob_pyro.training import _check_adapter
+
+    cfg = RunConfig.from_dict({"model": f"gguf:{tiny_gguf}", "dataset": "arc_easy", "head": "cloze"}).resolve()
+    folder = gguf_cache.cache_folder(tiny_gguf)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+
+    def check(base):
+        (adapter / "adapter_config.json").write_text(json.dumps({
+            "base_model_name_or_path": base, "r": cfg.adapter.lora_r, "target_modules": ["q_proj", "v_proj", "lm_head"]}))
+        _check_adapter(adapter, cfg)
+
+    check(str(folder))
+    check(str(tmp_path / "old_cache" / "gguf" / folder.name))  # $BLOB_PYRO_CACHE moved: same file hash, same weights
+    other = f"{folder.name.rsplit('-', 1)[0]}-{'0' * 16}"
+    with pytest.raises(RunError, match="was made for base model"):
+        check(str(tmp_path / "old_cache" / "gguf" / other))
