@@ -10,8 +10,9 @@
 
 Where things live: ``model`` (the Pyro model), ``priors``, ``guides``, ``poutine`` (Flipout, KL scaling,
 float64 latents), ``kl`` (KL schedules), ``infer`` (``fit``), ``optim``, ``predictive``, ``metrics`` and
-``uncertainty`` (scores), ``lora`` (PEFT bridge), ``heads``, ``backbone``, ``data``, ``config`` and ``methods`` (settings),
-``training`` (run folders), ``checkpoint``, ``io``, ``errors``, ``logs``, ``cli``; the Bayesian workflow in
+``uncertainty`` (scores), ``lora`` (PEFT bridge), ``heads``, ``backbone`` (GGUF files: ``gguf_cache``), ``data``,
+``config`` and ``methods`` (settings), ``training`` (run folders), ``checkpoint``, ``io``, ``errors``, ``logs``,
+``cli``; the Bayesian workflow in
 ``arviz_io``, ``diagnostics``, ``ppc`` and ``plots`` (the ``workflow`` extra).
 """
 

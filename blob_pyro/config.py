@@ -149,7 +149,7 @@ class RunConfig:
     """Everything a run needs: what to train on, the method, and one section per concern."""
 
     model: str = _f("minilm", "Hugging Face hub id or local path of the frozen backbone; 'minilm' = offline "
-                              "MiniLM-L6")
+                              "MiniLM-L6; 'gguf:PATH' = a GGUF file; 'smollm2' = SmolLM2-135M-Instruct's GGUF")
     dataset: str = _f("winogrande_s", "benchmark name (winogrande_s, arc_easy, ..., mmlu_<subject>)")
     data_dir: Optional[str] = _f(None, "local benchmark folder laid out like shared/data (default: $BLOB_DATA_DIR, "
                                        "else the hub)")

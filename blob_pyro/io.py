@@ -6,6 +6,8 @@
     atomic_save_safetensors(run_dir / "posterior.safetensors", tensors, metadata={"guide": "BlobGuide"})
     with atomic_dir(run_dir / "adapter") as tmp:        # fill tmp; it replaces adapter/ on success
         network.save_pretrained(tmp)
+    with atomic_new_dir(cache / "model") as tmp:        # fill tmp; kept only if no model/ appeared meanwhile
+        hf_model.save_pretrained(tmp)
 
 Each write goes to a uniquely named temporary file in the target's folder, is fsynced, renamed over the
 target, and the folder is fsynced, so a crash or Ctrl-C leaves either the previous content or the new.
@@ -20,7 +22,8 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_write_bytes", "atomic_save_safetensors", "atomic_dir"]
+__all__ = ["atomic_write", "atomic_write_text", "atomic_write_bytes", "atomic_save_safetensors", "atomic_dir",
+           "atomic_new_dir"]
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -90,6 +93,30 @@ def atomic_dir(path) -> Iterator[Path]:
             shutil.rmtree(path)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+@contextlib.contextmanager
+def atomic_new_dir(path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``path``; on success it becomes ``path`` unless ``path`` exists.
+
+    For caches that several processes may fill at once: whichever complete copy is renamed first stays, the
+    later one is dropped (a rename onto a non-empty folder fails), and no reader ever sees a partial folder.
+    """
+    path = Path(path)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        os.chmod(tmp, 0o755)
+        yield tmp
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not path.is_dir():
+                raise
+        else:
+            _fsync_dir(path.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -443,13 +443,18 @@ def _read_laplace(run_dir: Path) -> dict:
 
 def _check_adapter(adapter: Path, cfg: RunConfig) -> None:
     from .backbone import resolve_model
+    from .gguf_cache import is_gguf_model
 
     try:
         acfg = json.loads((adapter / "adapter_config.json").read_text())
     except json.JSONDecodeError as err:
         raise RunError(f"{adapter / 'adapter_config.json'} is not valid JSON") from err
     base = acfg.get("base_model_name_or_path")
-    if base and base not in (cfg.model, resolve_model(cfg.model)):
+    resolved = resolve_model(cfg.model) if base else None
+    # a GGUF model's folder is named by the file's content hash: the same name under another cache root
+    # ($BLOB_PYRO_CACHE changed since training) holds the same weights
+    same_gguf = bool(base) and is_gguf_model(cfg.model) and Path(base).name == Path(resolved).name
+    if base and base not in (cfg.model, resolved) and not same_gguf:
         raise RunError(f"the adapter in {adapter} was made for base model {base!r}, not {cfg.model!r}")
     if acfg.get("r") != cfg.adapter.lora_r:
         raise RunError(f"the adapter in {adapter} has rank r={acfg.get('r')}, the run config says "

@@ -34,6 +34,69 @@ def save_tiny_llama(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def save_tiny_gguf(path: Path, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
+    """A 2-layer random Llama written as a GGUF file (~120 KB) the way llama.cpp lays one out: Q8_0 matrices
+    (so loading it de-quantises), float32 norms, a byte-level BPE vocabulary of 263 tokens whose merges make
+    " A" … " E" single tokens; ``<|endoftext|>`` is BOS/EOS, ``<|pad|>`` pads."""
+    import gguf
+    import numpy as np
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    rng = np.random.default_rng(seed)
+    heads, kv_heads, ffn = 4, 2, 2 * hidden
+    specials = ["<|endoftext|>", "<|pad|>"]
+    merges = [f"\u0120 {letter}" for letter in "ABCDE"]
+    tokens = specials + sorted(set(bytes_to_unicode().values())) + [m.replace(" ", "") for m in merges]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny-llama")
+    writer.add_context_length(256)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_rope_dimension_count(hidden // heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL] * len(specials) + [gguf.TokenType.NORMAL] * (len(tokens) - 2))
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(0)
+    writer.add_pad_token_id(1)
+
+    def matrix(name, rows, cols):
+        data = (0.1 * rng.standard_normal((rows, cols))).astype(np.float32)
+        q8 = gguf.GGMLQuantizationType.Q8_0
+        writer.add_tensor(name, gguf.quants.quantize(data, q8), raw_dtype=q8)
+
+    def norm(name):
+        writer.add_tensor(name, (1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32))
+
+    matrix("token_embd.weight", len(tokens), hidden)
+    kv = kv_heads * hidden // heads
+    for i in range(layers):
+        norm(f"blk.{i}.attn_norm.weight")
+        matrix(f"blk.{i}.attn_q.weight", hidden, hidden)
+        matrix(f"blk.{i}.attn_k.weight", kv, hidden)
+        matrix(f"blk.{i}.attn_v.weight", kv, hidden)
+        matrix(f"blk.{i}.attn_output.weight", hidden, hidden)
+        norm(f"blk.{i}.ffn_norm.weight")
+        matrix(f"blk.{i}.ffn_gate.weight", ffn, hidden)
+        matrix(f"blk.{i}.ffn_up.weight", ffn, hidden)
+        matrix(f"blk.{i}.ffn_down.weight", hidden, ffn)
+    norm("output_norm.weight")
+    matrix("output.weight", len(tokens), hidden)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def toy_examples(n: int = 16, num_classes: int = 2, seed: int = 0) -> list[Example]:
     """Examples whose label is readable from the text, so a model can learn them."""
     g = torch.Generator().manual_seed(seed)

@@ -6,7 +6,14 @@ import stat
 import pytest
 import torch
 
-from blob_pyro.io import atomic_dir, atomic_save_safetensors, atomic_write, atomic_write_bytes, atomic_write_text
+from blob_pyro.io import (
+    atomic_dir,
+    atomic_new_dir,
+    atomic_save_safetensors,
+    atomic_write,
+    atomic_write_bytes,
+    atomic_write_text,
+)
 
 
 def _names(folder):
@@ -96,3 +103,18 @@ def test_atomic_dir_replaces_a_folder_on_success_only(tmp_path):
             (tmp / "c.json").write_text("3")
             raise Boom()
     assert _names(target) == ["b.json"] and _names(tmp_path) == ["adapter"]
+
+
+def test_atomic_new_dir_keeps_a_folder_that_appeared_first(tmp_path):
+    target = tmp_path / "cache"
+    with atomic_new_dir(target) as tmp:
+        (tmp / "a.json").write_text("1")
+    assert _names(target) == ["a.json"] and stat.S_IMODE(target.stat().st_mode) == 0o755
+    with atomic_new_dir(target) as tmp:  # another writer's complete folder is kept, this copy dropped
+        (tmp / "b.json").write_text("2")
+    assert _names(target) == ["a.json"] and _names(tmp_path) == ["cache"]
+    with pytest.raises(Boom):
+        with atomic_new_dir(tmp_path / "new") as tmp:
+            (tmp / "c.json").write_text("3")
+            raise Boom()
+    assert _names(tmp_path) == ["cache"]
