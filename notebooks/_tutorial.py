@@ -52,7 +52,7 @@ RUNS = Path(os.environ.get("BLOB_RUNS_DIR", NOTEBOOKS / "runs")).resolve()
 RECIPE = NOTEBOOKS.parent / "configs" / "recipes" / "quickstart.json"
 # FAST mode keeps the task and every method setting and shrinks only the budget (steps, examples, tokens),
 # so all four notebooks execute in minutes in the test suite.
-FAST_BUDGET = dict(train_limit=16, eval_limit=16, max_steps=4, batch_size=4, max_length=64)
+FAST_BUDGET = dict(train_limit=16, eval_limit=8, max_steps=4, batch_size=4, max_length=64)
 # Full mode evaluates on the first 300 of the 570 dev questions: BLoB predicts with 10 draws, and the whole split
 # would cost about as much as training, beyond a notebook's ~10 minutes on 2 CPU cores.
 FULL_BUDGET = dict(eval_limit=300)
