@@ -5,14 +5,14 @@
     from _tutorial import FAST, DATA_DIR, RUNS, start, recipe, trained, compared, finish
 
     start()                                   # prints "mode: FAST | data: ... | runs: ... | torch threads: 1"
-    cfg = recipe()                            # configs/recipes/quickstart.json (+ data_dir, + FAST's tiny budget)
+    cfg = recipe()                            # configs/recipes/quickstart.json + data_dir + the mode's budget
     run_dir = trained(cfg, "quickstart-blob")  # RUNS/quickstart-blob-<hash of cfg>, trained once
     pair = compared(cfg, ["mle", "blob"], "quickstart")   # blob_pyro.compare into RUNS/quickstart-<hash>
     finish()                                  # prints "notebook ran in 93 s, 150 s of CPU time (full mode)"
 
 Environment (read once, at import):
 
-- ``BLOB_NOTEBOOK_FAST=1``: a smoke run (a few steps on a few examples, under a minute a notebook); what
+- ``BLOB_NOTEBOOK_FAST=1``: a smoke run (a few steps on a few examples); what
   ``tests/integration/test_notebooks.py`` executes. Unset: the recipe's full budget.
 - ``BLOB_DATA_DIR``: the benchmark folder (default ``../../shared/data``, seen from ``notebooks/``).
 - ``BLOB_RUNS_DIR``: where runs are kept (default ``notebooks/runs/``, git-ignored). The notebooks share runs:
@@ -53,8 +53,8 @@ RECIPE = NOTEBOOKS.parent / "configs" / "recipes" / "quickstart.json"
 # FAST mode keeps the task and every method setting and shrinks only the budget (steps, examples, tokens),
 # so all four notebooks execute in minutes in the test suite.
 FAST_BUDGET = dict(train_limit=16, eval_limit=8, max_steps=4, batch_size=4, max_length=64)
-# Full mode evaluates on the first 300 of the 570 dev questions: BLoB predicts with 10 draws, and the whole split
-# would cost about as much as training, beyond a notebook's ~10 minutes on 2 CPU cores.
+# Full mode evaluates on the first 300 of the 570 dev questions, to keep a notebook near 10 minutes on 2 CPU cores:
+# each of BLoB's posterior draws at prediction is a pass over the split.
 FULL_BUDGET = dict(eval_limit=300)
 
 _T0, _CPU0 = time.perf_counter(), time.process_time()
