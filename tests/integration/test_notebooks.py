@@ -1,6 +1,10 @@
-"""Execute the four notebooks top to bottom in FAST mode (BLOB_NOTEBOOK_FAST=1) with nbclient."""
+"""Execute the four notebooks top to bottom in FAST mode (BLOB_NOTEBOOK_FAST=1) with nbclient; their shared set-up
+(notebooks/_tutorial.py) trains the quick-start recipe."""
 
+import importlib
+import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +35,29 @@ def notebook_env(data_dir, tmp_path_factory):
 
 def test_all_four_notebooks_are_here():
     assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == sorted(ORDER)
+
+
+@pytest.mark.parametrize("fast", ["0", "1"])
+def test_the_notebooks_train_the_recipe_file_with_only_the_budget_changed(fast, monkeypatch, tmp_path):
+    from blob_pyro import RunConfig
+
+    monkeypatch.setenv("BLOB_NOTEBOOK_FAST", fast)
+    monkeypatch.setenv("BLOB_DATA_DIR", str(tmp_path))
+    monkeypatch.syspath_prepend(str(NOTEBOOKS))
+    monkeypatch.delitem(sys.modules, "_tutorial", raising=False)
+    tutorial = importlib.import_module("_tutorial")
+    monkeypatch.delitem(sys.modules, "_tutorial")
+    recipe = json.loads(tutorial.RECIPE.read_text())
+    budget = tutorial.FAST_BUDGET if fast == "1" else tutorial.FULL_BUDGET
+    cfg = tutorial.recipe()
+    assert {k: cfg.get(k) for k in recipe} == {**recipe, **{k: v for k, v in budget.items() if k in recipe}}
+    assert {k: cfg.get(k) for k in budget} == budget and cfg.data_dir == str(tmp_path)
+    default = RunConfig()
+    changed = {k for k in RunConfig.field_names() if cfg.get(k) != default.get(k)}
+    assert changed <= set(recipe) | set(budget) | {"data_dir"}  # every other setting is the library's default
+    # runs are found again by their settings: the same settings elsewhere give the same folder, a swap another
+    assert tutorial.config_hash(cfg) == tutorial.config_hash(cfg.replace(data_dir="/elsewhere"))
+    assert tutorial.config_hash(cfg) != tutorial.config_hash(cfg.replace(prior_scale=0.02))
 
 
 @pytest.mark.data
