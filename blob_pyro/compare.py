@@ -5,7 +5,7 @@
     from blob_pyro import RunConfig
     from blob_pyro.compare import compare
 
-    cfg = RunConfig.from_file("configs/quickstart.json", {"data_dir": "../shared/data"})
+    cfg = RunConfig.from_file("configs/recipes/quickstart.json", {"data_dir": "../shared/data"})
     result = compare(cfg, ["mle", "blob"], "runs/quickstart")
     print(result.table())             # accuracy, ECE, NLL, Brier, mean confidence, confidence - accuracy
     result.rows["mle"]["ece"]         # each method's metrics.json
@@ -176,18 +176,18 @@ def _read_record(path: Path) -> dict | None:
 
 
 def reliability_figure(result: Comparison, path) -> Path:
-    """One reliability diagram per entry, side by side, from each run's predictions.safetensors."""
-    import matplotlib
+    """One reliability diagram per entry, side by side, from each run's predictions.safetensors.
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    Drawn on a figure outside pyplot, so calling it from a notebook leaves the notebook's backend alone."""
+    from matplotlib.figure import Figure
     from safetensors.torch import load_file
 
     from .plots import reliability_diagram, save_figure
     from .training import PREDICTIONS
 
     n = len(result.rows)
-    fig, axes = plt.subplots(1, n, figsize=(4.8 * n, 4.8), squeeze=False)
+    fig = Figure(figsize=(4.8 * n, 4.8))
+    axes = fig.subplots(1, n, squeeze=False)
     for ax, (label, m) in zip(axes[0], result.rows.items()):
         saved = load_file(str(result.dirs[label] / PREDICTIONS))
         reliability_diagram(saved["probs"], saved["labels"], n_bins=int(m.get("ece_bins", 15)), ax=ax)
