@@ -35,7 +35,8 @@ def test_cpu_protocol_is_the_issue_grid(tmp_path):
 
 def test_main_protocol_is_one_budget_in_the_over_fitting_regime(tmp_path):
     grid = load_grid(Path(CONFIGS[0]).parent / "main_cpu.json", data_dir=str(tmp_path))
-    assert [e.name for e in grid.entries] == ["mle", "map", "mcdropout", "ensemble", "bbb", "blob", "temperature"]
+    assert [e.name for e in grid.entries] == ["mle", "map", "mcdropout", "ensemble", "bbb", "blob", "temperature",
+                                              "laplace", "tfb"]
     assert grid.datasets == ["arc_easy", "arc_challenge", "openbookqa", "winogrande_s"] and grid.seeds == [1, 2, 3]
     configs = [cfg for cell in cells_of(grid) for cfg in cell.member_configs(grid.base)]
     assert {(c.fit.max_steps, c.fit.batch_size, c.train_limit, c.fit.lr, c.holdout) for c in configs} == {
