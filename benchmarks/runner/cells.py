@@ -46,8 +46,9 @@ __all__ = ["train_member", "run_cell", "run_ood", "available_ood", "ensemble_ave
            "METRIC_NAMES", "UNCERTAINTY_NAMES"]
 
 METRIC_NAMES = ("accuracy", "ece", "nll", "brier")
-# blob_pyro.uncertainty.UNCERTAINTY_METRICS: absent from rows predicted before they were reported
-UNCERTAINTY_NAMES = ("confidence", "entropy", "expected_entropy", "mutual_information", "aurc", "accuracy_at_80")
+# blob_pyro.uncertainty.UNCERTAINTY_METRICS but "confidence", which the report reads from the saved predictions
+# (report._mean_confidence) for old and new rows alike; these are absent from rows predicted before they were reported
+UNCERTAINTY_NAMES = ("entropy", "expected_entropy", "mutual_information", "aurc", "accuracy_at_80")
 
 
 def say(msg: str) -> None:

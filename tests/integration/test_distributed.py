@@ -122,4 +122,5 @@ def test_two_processes_agree_in_distribution_with_flipout(runs):
     m1, m2 = json.loads((one / "metrics.json").read_text()), json.loads((two / "metrics.json").read_text())
     assert abs(m1["accuracy"] - m2["accuracy"]) <= 1 / 11 + 1e-9
     files = sorted(p.name for p in two.iterdir())
-    assert files == ["adapter", "config.json", "metrics.json", "posterior.safetensors", "train_log.jsonl"]
+    assert files == ["adapter", "config.json", "metrics.json", "posterior.safetensors", "predictions.safetensors",
+                     "train_log.jsonl"]
