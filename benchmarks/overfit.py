@@ -26,19 +26,6 @@ import time
 from pathlib import Path
 
 
-def _parse_set(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise SystemExit(f"overfit: error: --set takes key=value, got {item!r}")
-        k, v = item.split("=", 1)
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
-
-
 def _summary(out, bins: int) -> dict:
     from blob_pyro.metrics import compute_metrics
 
@@ -104,15 +91,15 @@ def main(argv=None) -> int:
     import pyro
     import torch
 
+    from benchmarks.runner.cli import parse_set
     from blob_pyro import RunConfig, build, fit
     from blob_pyro.errors import BlobPyroError
     from blob_pyro.predictive import predict
 
-    settings = {"model": "minilm", **_parse_set(args.set), "dataset": args.dataset, "train_limit": args.train_limit,
-                "holdout": args.holdout, "max_steps": args.max_steps, "seed": args.seed}
-    if args.data_dir:
-        settings["data_dir"] = args.data_dir
     try:
+        settings = {"model": "minilm", **parse_set(args.set), "dataset": args.dataset,
+                    "train_limit": args.train_limit, "holdout": args.holdout, "max_steps": args.max_steps,
+                    "seed": args.seed, **({"data_dir": args.data_dir} if args.data_dir else {})}
         run = build(RunConfig.from_dict(settings))
     except BlobPyroError as err:
         print(f"overfit: error: {err}", file=sys.stderr)

@@ -241,11 +241,12 @@ def _resolve_data(run, dataset, data_dir, split, data):
         from .training import eval_split_of
 
         return eval_split_of(cfg, dataset, data_dir)
-    if split == "train" and dataset in (None, cfg.dataset):
+    if split == "train" and cfg.holdout and dataset in (None, cfg.dataset):  # the examples the run trained on
         from .data import load_splits
 
         return load_splits(cfg.dataset, data_dir or cfg.data_dir, train_limit=cfg.train_limit, holdout=cfg.holdout)[0]
-    return load_split(dataset or cfg.dataset, split, data_dir or cfg.data_dir, limit=cfg.train_limit)
+    limit = cfg.train_limit if split == "train" else cfg.eval_limit
+    return load_split(dataset or cfg.dataset, split, data_dir or cfg.data_dir, limit=limit)
 
 
 def to_inference_data(run, dataset: str | None = None, *, num_samples: int = 50, data=None,

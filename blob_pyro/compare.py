@@ -81,9 +81,8 @@ class Comparison:
         header = f"{'method':<{width}}" + "".join(f"{c:>14}" for c in cols)
         lines = head + [header, "-" * len(header)]
         for label, m in self.rows.items():
-            cells = [_cell(m.get(key), scale) for key, _, scale in COLUMNS]
-            gap = m.get("confidence", float("nan")) - m["accuracy"]
-            cells += [f"{100 * gap:+.2f} pt", str(m.get("num_samples", "?"))]
+            cells = _cells(m)
+            cells[-2] += " pt"
             lines.append(f"{label:<{width}}" + "".join(f"{c:>14}" for c in cells))
         return "\n".join(lines)
 
@@ -91,10 +90,14 @@ class Comparison:
         cols = [name for _, name, _ in COLUMNS] + ["conf − acc (pt)", "samples"]
         lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
         for label, m in self.rows.items():
-            cells = [_cell(m.get(key), scale) for key, _, scale in COLUMNS]
-            cells += [f"{100 * (m.get('confidence', float('nan')) - m['accuracy']):+.2f}", str(m.get("num_samples"))]
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+            lines.append(f"| {label} | " + " | ".join(_cells(m)) + " |")
         return "\n".join(lines) + "\n"
+
+
+def _cells(m: dict) -> list[str]:
+    """One entry's cells: the COLUMNS, confidence minus accuracy in points, and the number of draws."""
+    gap = m.get("confidence", float("nan")) - m["accuracy"]
+    return [_cell(m.get(key), scale) for key, _, scale in COLUMNS] + [f"{100 * gap:+.2f}", str(m.get("num_samples", "?"))]
 
 
 def _cell(value, scale) -> str:

@@ -36,7 +36,7 @@ import math
 
 import torch
 
-from .errors import ConfigError, RunError, TrainingError
+from .errors import ConfigError, TrainingError
 
 __all__ = ["TFB_FILE", "DEFAULT_ANCHOR_SIZE", "SVD_FLOOR", "anchor_split", "reparametrise", "tfb_guide", "set_sigma",
            "anchor_nll", "search_sigma", "bayesianize", "read_record"]
@@ -217,17 +217,9 @@ def bayesianize(model, point_guide, anchor, *, threshold: float = 0.01, sigma_ma
 
 def read_record(run_dir) -> dict:
     """The TFB record of a run folder (RunError, one line, if missing or unusable)."""
-    import json
     from pathlib import Path
 
-    path = Path(run_dir) / TFB_FILE
-    try:
-        record = json.loads(path.read_text())
-        sigma = float(record["sigma"])
-    except FileNotFoundError as err:
-        raise RunError(f"{path} is missing: a method=tfb run keeps its searched sigma there") from err
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
-        raise RunError(f"{path} does not hold a TFB record: {err}") from err
-    if not (math.isfinite(sigma) and sigma > 0):
-        raise RunError(f"{path}: sigma must be a finite number > 0; got {sigma}")
-    return record
+    from .training import read_method_record
+
+    return read_method_record(Path(run_dir) / TFB_FILE, "sigma", method="tfb", keeps="its searched sigma",
+                              holds="a TFB record")

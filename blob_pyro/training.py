@@ -409,36 +409,36 @@ def eval_split_of(cfg: RunConfig, dataset: str | None = None, data_dir: str | No
                      holdout=cfg.holdout if same else None)
 
 
+def read_method_record(path: Path, key: str, *, method: str, keeps: str, holds: str) -> dict:
+    """The JSON record a post-hoc method keeps in its run folder, whose ``key`` must be a finite number > 0.
+
+    Every problem is a one-line RunError naming ``path``: missing (a ``method`` run ``keeps`` it there), not
+    ``holds`` (unreadable, or without ``key``), or a ``key`` that is not finite and positive.
+    """
+    try:
+        record = json.loads(path.read_text())
+        value = float(record[key])
+    except FileNotFoundError as err:
+        raise RunError(f"{path} is missing: a method={method} run keeps {keeps} there") from err
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
+        raise RunError(f"{path} does not hold {holds}: {err}") from err
+    if not (value > 0 and value < float("inf")):
+        raise RunError(f"{path}: {key} must be a finite number > 0; got {value}")
+    return record
+
+
 def _read_temperature(run_dir: Path) -> dict:
     from .temperature import TEMPERATURE_FILE
 
-    path = run_dir / TEMPERATURE_FILE
-    try:
-        record = json.loads(path.read_text())
-        t = float(record["temperature"])
-    except FileNotFoundError as err:
-        raise RunError(f"{path} is missing: a method=temperature run keeps its fitted T there") from err
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
-        raise RunError(f"{path} does not hold a temperature: {err}") from err
-    if not (t > 0 and t < float("inf")):
-        raise RunError(f"{path}: temperature must be a finite number > 0; got {t}")
-    return record
+    return read_method_record(run_dir / TEMPERATURE_FILE, "temperature", method="temperature",
+                              keeps="its fitted T", holds="a temperature")
 
 
 def _read_laplace(run_dir: Path) -> dict:
     from .laplace import LAPLACE_FILE
 
-    path = run_dir / LAPLACE_FILE
-    try:
-        record = json.loads(path.read_text())
-        delta = float(record["prior_precision"])
-    except FileNotFoundError as err:
-        raise RunError(f"{path} is missing: a method=laplace run keeps its Laplace fit there") from err
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
-        raise RunError(f"{path} does not hold a Laplace fit: {err}") from err
-    if not (delta > 0 and delta < float("inf")):
-        raise RunError(f"{path}: prior_precision must be a finite number > 0; got {delta}")
-    return record
+    return read_method_record(run_dir / LAPLACE_FILE, "prior_precision", method="laplace",
+                              keeps="its Laplace fit", holds="a Laplace fit")
 
 
 def _check_adapter(adapter: Path, cfg: RunConfig) -> None:

@@ -111,7 +111,7 @@ def compared(cfg: RunConfig, methods: list[str], name: str):
     out = RUNS / f"{name}-{config_hash(cfg)}"
     todo = [m for m in methods if not (out / m / "metrics.json").is_file()]
     t = time.perf_counter()
-    # figure=False: compare's own figure switches matplotlib to Agg, which would stop inline plots in a notebook
+    # figure=False: the notebooks draw the reliability diagrams inline themselves, with their own titles
     result = compare(cfg, methods, out, progress=False, figure=False)
     print(f"trained {', '.join(todo)} in {time.perf_counter() - t:.0f} s" if todo else f"reusing {out.name}")
     return result

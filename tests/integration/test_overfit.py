@@ -7,6 +7,7 @@ import pyro
 import torch
 
 from benchmarks import overfit
+from benchmarks.runner.cli import parse_set
 from blob_pyro import RunConfig, build, fit
 
 from .test_cli import data_folder
@@ -27,7 +28,7 @@ def test_curve_checks_leave_the_training_unchanged(tmp_path, capsys):
 
     # the same run without the checks ends at the same parameters
     cfg = RunConfig.from_dict({"dataset": "winogrande_s", "data_dir": str(data), "train_limit": 5, "holdout": 3,
-                               "max_steps": 4, "seed": 1, **overfit._parse_set(settings)})
+                               "max_steps": 4, "seed": 1, **parse_set(settings)})
     run = build(cfg)
     assert len(run.train) == 5 and [e.index for e in run.eval.examples] == [5, 6, 7]
     fit(run.model, run.guide, run.train, run.config.fit, progress=False)

@@ -151,3 +151,28 @@ def test_labels_beyond_the_run_classes_are_refused():
     bad = [e for e in ex if e.label == 2] or pytest.skip("no label 2 drawn")
     with pytest.raises(RunError, match="classes"):
         arviz_io.to_inference_data(run, data=bad, num_samples=1)
+
+
+def test_the_export_reads_the_splits_the_run_used(tmp_path):
+    """A holdout run's training split ends before its held-out slice, which is its eval split; limits apply."""
+    import json
+    import types
+
+    from blob_pyro.arviz_io import _resolve_data
+
+    folder = tmp_path / "winogrande"
+    folder.mkdir()
+    rec = {"qID": "q", "sentence": "A _ b.", "option1": "x", "option2": "y", "answer": "1"}
+    (folder / "train_s.jsonl").write_text((json.dumps(rec) + "\n") * 10)
+    (folder / "dev.jsonl").write_text((json.dumps({**rec, "answer": "2"}) + "\n") * 4)
+    base = {"dataset": "winogrande_s", "data_dir": str(tmp_path)}
+
+    def split(settings, which):
+        run = types.SimpleNamespace(config=RunConfig.from_dict({**base, **settings}), eval=None)
+        return _resolve_data(run, None, None, which, None)
+
+    assert [e.index for e in split({"holdout": 3}, "train").examples] == list(range(7))
+    assert [e.index for e in split({"holdout": 3}, "eval").examples] == [7, 8, 9]
+    assert len(split({"train_limit": 2}, "train")) == 2
+    dev = split({"eval_limit": 3}, "eval")
+    assert dev.split == "dev" and len(dev) == 3
