@@ -5,6 +5,7 @@
     blob-pyro train --model minilm --dataset winogrande_s --data-dir ../shared/data --output-dir runs/wg \
         --checkpoint-every 50
     blob-pyro train --resume runs/wg          # after a crash, kill or Ctrl-C: continue from the last checkpoint
+    blob-pyro train --method laplace --from-run runs/map --output-dir runs/map_laplace   # post-hoc, no training
     blob-pyro evaluate --run runs/wg --dataset arc_easy --num-samples 10
     blob-pyro describe --model minilm --bayesian-factor B
     blob-pyro ppc --run runs/wg --num-samples 100 --out runs/wg/ppc     # = python scripts/ppc.py
@@ -24,7 +25,7 @@ import sys
 import typing
 from pathlib import Path
 
-from .config import RunConfig
+from .config import RunConfig, read_config_file
 from .errors import BlobPyroError, ConfigError
 from .logs import quiet_library_logs
 
@@ -130,16 +131,22 @@ def add_ppc_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _config_from(args: argparse.Namespace) -> RunConfig:
+def _settings_from(args: argparse.Namespace) -> dict:
+    """The settings the user gave: those of --config (flattened), then the flags over them."""
     names = set(RunConfig.field_names())
     overrides = {k: v for k, v in vars(args).items() if k in names}
+    settings = {}
     if getattr(args, "config", None):
-        cfg = RunConfig.from_file(args.config, overrides)
-        if cfg.runtime.trust_remote_code and not overrides.get("trust_remote_code"):
+        settings = RunConfig.flat_settings(read_config_file(args.config), source=f"key in {args.config}:")
+        if settings.get("trust_remote_code") and not overrides.get("trust_remote_code"):
             raise ConfigError(f"{args.config} sets trust_remote_code; custom model code is only allowed with the "
                               f"flag --trust-remote-code true")
-        return cfg
-    return RunConfig.from_dict(overrides)
+    settings.update(overrides)
+    return settings
+
+
+def _config_from(args: argparse.Namespace) -> RunConfig:
+    return RunConfig.from_dict(_settings_from(args))
 
 
 METRICS_TABLE_ROWS = ("accuracy", "ece", "nll", "brier", "confidence", "entropy", "expected_entropy",
@@ -179,7 +186,13 @@ def _cmd_train(args) -> int:
     else:
         if not args.output_dir:
             raise ConfigError("train needs --output-dir (a new run) or --resume OUT (continue a run)")
-        cfg = _config_from(args).resolve()
+        settings = _settings_from(args)
+        if settings.get("from_run"):  # a post-hoc method on a finished run: what was trained comes from there
+            from .training import from_run_config
+
+            cfg = from_run_config(settings)
+        else:
+            cfg = RunConfig.from_dict(settings).resolve()
         metrics = train_run(cfg, args.output_dir, progress=not args.quiet, overwrite=args.overwrite)
         out = args.output_dir
     print(metrics_table(metrics))

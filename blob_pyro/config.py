@@ -30,7 +30,7 @@ from .errors import ConfigError
 from .guides import GUIDES
 from .heads import HEADS
 from .kl import KL_SCHEDULES
-from .methods import METHODS, PRESETS, apply_method
+from .methods import FROM_RUN_SOURCES, METHODS, PRESETS, apply_method
 from .priors import PRIORS
 
 __all__ = ["AdapterConfig", "BayesConfig", "FitConfig", "PredictConfig", "RuntimeConfig", "RunConfig",
@@ -178,6 +178,9 @@ class RunConfig:
                                               "parameters; default diag)", choices=(None, "diag", "full"))
     laplace_subset: Optional[str] = _f(None, "method=laplace: which LoRA factors, all | last_layer (those of the last "
                                              "LoRA module; default all)", choices=(None, "all", "last_layer"))
+    from_run: Optional[str] = _f(None, "method=laplace | tfb: a finished run folder (map for laplace; mle or map for "
+                                       "tfb) whose trained point the post-hoc step starts from instead of training; "
+                                       "the training settings are that run's")
     preset: Optional[str] = _f(None, "'paper': the official optimisation (A factor, AdamW on NLL + SGD on KL)",
                                choices=(None, *PRESETS))
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -218,6 +221,15 @@ class RunConfig:
     @classmethod
     def from_dict(cls, data: dict, *, source: str = "setting") -> RunConfig:
         """Build from flat keys (``{"lr": 1e-3}``), nested sections (``{"fit": {"lr": 1e-3}}``) or both."""
+        flat = cls.flat_settings(data, source=source)
+        spec = cls.fields()
+        top = {n: v for n, v in flat.items() if spec[n][0] is None}
+        sections = {s: k(**{n: v for n, v in flat.items() if spec[n][0] == s}) for s, k in SECTIONS.items()}
+        return cls(**top, **sections)
+
+    @classmethod
+    def flat_settings(cls, data: dict, *, source: str = "setting") -> dict[str, Any]:
+        """The settings in ``data`` (flat keys, nested sections or both) by their flat names; unknown names refused."""
         if not isinstance(data, dict):
             raise ConfigError(f"a configuration must be a mapping of settings, got {type(data).__name__}")
         flat: dict[str, Any] = {}
@@ -231,10 +243,7 @@ class RunConfig:
             else:
                 flat[key] = value
         _check_names(flat, source)
-        spec = cls.fields()
-        top = {n: v for n, v in flat.items() if spec[n][0] is None}
-        sections = {s: k(**{n: v for n, v in flat.items() if spec[n][0] == s}) for s, k in SECTIONS.items()}
-        return cls(**top, **sections)
+        return flat
 
     @classmethod
     def from_file(cls, path, overrides: dict | None = None) -> RunConfig:
@@ -272,6 +281,9 @@ class RunConfig:
             raise ConfigError(f"kl_multiplier must be a finite number >= 0; got {km}")
         if not 0 <= self.fit.warmup_ratio <= 1:
             raise ConfigError(f"warmup_ratio must be in [0, 1]; got {self.fit.warmup_ratio}")
+        if self.from_run is not None and self.method not in FROM_RUN_SOURCES:
+            raise ConfigError(f"from_run applies a post-hoc method ({', '.join(FROM_RUN_SOURCES)}) to a finished run; "
+                              f"method={self.method} trains its own (drop from_run)")
         if self.runtime.load_in_8bit and self.runtime.load_in_4bit:
             raise ConfigError("load_in_8bit and load_in_4bit exclude each other; choose one")
         return self

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from .errors import ConfigError
 
-__all__ = ["Method", "METHODS", "PRESETS", "OWN_SETTINGS", "apply_method", "BBB_INIT_SCALE"]
+__all__ = ["Method", "METHODS", "PRESETS", "OWN_SETTINGS", "FROM_RUN_SOURCES", "apply_method", "BBB_INIT_SCALE"]
 
 BBB_INIT_SCALE = 0.1
 """Initial std of every AutoNormal scale for ``method=bbb`` (Pyro's AutoNormal default); the guide's initial
@@ -72,6 +72,11 @@ OWN_SETTINGS = {"ensemble_size": "ensemble", "calibration_fraction": "temperatur
                 "tfb_anchor_size": "tfb", "tfb_search_steps": "tfb", "tfb_sigma_max": "tfb", "laplace_hessian": "laplace",
                 "laplace_subset": "laplace"}
 """Settings that only one method reads: given with another method they are refused rather than ignored."""
+
+FROM_RUN_SOURCES = {"laplace": ("map",), "tfb": ("mle", "map")}
+"""The post-hoc methods that can start from a finished run (``from_run``) instead of training, and the methods that
+run may have been trained with: Laplace needs a MAP point (the prior is part of its posterior), TFB any point
+estimate of the LoRA factors."""
 
 PRESETS = {
     "paper": Method("paper", "the official optimisation: Bayesian A, BLoB guide and KL re-weighting, AdamW on the "

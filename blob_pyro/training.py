@@ -29,6 +29,7 @@ A run directory::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -43,7 +44,7 @@ import numpy as np
 import pyro
 import torch
 
-from .config import RunConfig
+from .config import PredictConfig, RunConfig
 from .data import dataset_info, load_eval, load_splits
 from .errors import ConfigError, HeadError, RunError, TrainingError
 from .guides import make_guide
@@ -54,7 +55,8 @@ from .model import BlobModel
 from .optim import register_parameters
 from .priors import make_prior
 
-__all__ = ["Run", "build", "post_fit", "evaluate", "metrics_of", "predict_split", "output_problem",
+__all__ = ["Run", "build", "from_run_config", "check_from_run", "post_fit", "evaluate", "metrics_of", "predict_split",
+           "output_problem",
            "build_model", "retarget_head", "train_run", "resume_run", "TrainingInterrupted",
            "load_run", "save_run", "read_run_config", "run_versions", "set_seed", "pick_device", "eval_split_of",
            "PREDICTIONS"]
@@ -160,6 +162,70 @@ def _make_guide(cfg: RunConfig, model: BlobModel):
     return make_guide(b.guide, model, eps=b.eps, std_param=b.std_param, rank=b.guide_rank)
 
 
+# what a post-hoc run (from_run) may set for itself: where and how it predicts, never what was trained
+_FROM_RUN_FREE = {"method", "preset", "from_run", "data_dir", "eval_limit", "device", "bf16", "gradient_checkpointing",
+                  "trust_remote_code", "checkpoint_every"} | {f.name for f in dataclasses.fields(PredictConfig)}
+
+
+def from_run_config(settings: dict) -> RunConfig:
+    """The resolved settings of a post-hoc run on a finished one: ``settings`` (flat, with ``method`` and
+    ``from_run``) over the settings stored in ``from_run``'s config.json.
+
+    ::
+
+        cfg = from_run_config({"method": "laplace", "from_run": "runs/map", "laplace_hessian": "diag"})
+        train_run(cfg, "runs/map_laplace")        # no training: the Laplace fit around runs/map's point
+
+    What the source trained (backbone, data, adapter, steps, seed...) comes from the source; ``settings`` may
+    repeat it but not change it. They may set how the new run predicts (``num_samples``, ``eval_limit``...), where
+    (``device``, ``data_dir``) and the post-hoc method's own settings (``laplace_hessian``...); the settings either
+    method implies (factor A for ``tfb``) are the new method's. ConfigError/RunError (one line): a method without
+    a post-hoc step, an unfinished or foreign source, a source of a method the post-hoc one cannot start from
+    (:data:`~blob_pyro.methods.FROM_RUN_SOURCES`), a training setting that differs from the source's.
+    """
+    from .methods import FROM_RUN_SOURCES, OWN_SETTINGS
+
+    method = settings.get("method")
+    if method not in FROM_RUN_SOURCES or not settings.get("from_run"):
+        what = f"method={method} trains its own (drop from_run)" if method not in FROM_RUN_SOURCES else "from_run is empty"
+        raise ConfigError(f"from_run applies a post-hoc method ({', '.join(FROM_RUN_SOURCES)}) to a finished run; {what}")
+    source = read_run_config(settings["from_run"])
+    implied = _implied(source.method, method)
+    data = {k: v for k, v in source.flat_dict().items() if k not in implied and k not in OWN_SETTINGS}
+    data.update(settings)
+    cfg = RunConfig.from_dict(data).resolve()
+    check_from_run(cfg)
+    return cfg
+
+
+def _implied(*methods: str) -> set:
+    from .methods import METHODS
+
+    return {k for m in methods if m in METHODS for k in (*METHODS[m].requires, *METHODS[m].defaults)}
+
+
+def check_from_run(cfg: RunConfig) -> None:
+    """Refuse (one line) a post-hoc ``cfg`` whose ``from_run`` is unfinished, of a method it cannot start from, or
+    trained with other settings than ``cfg`` has (see :func:`from_run_config`); nothing if ``from_run`` is unset."""
+    from .methods import FROM_RUN_SOURCES, OWN_SETTINGS
+
+    if cfg.from_run is None:
+        return
+    source_dir = Path(cfg.from_run)
+    source = read_run_config(source_dir)
+    if source.method not in FROM_RUN_SOURCES[cfg.method]:
+        raise RunError(f"method={cfg.method} starts from a {' or '.join(FROM_RUN_SOURCES[cfg.method])} run; "
+                       f"{source_dir} is a method={source.method} run")
+    if not (source_dir / "metrics.json").is_file() or not (source_dir / "adapter" / "adapter_config.json").is_file():
+        raise RunError(f"{source_dir} did not finish (no metrics.json or adapter/); finish it with blob-pyro train "
+                       f"--resume {source_dir}")
+    free = _FROM_RUN_FREE | _implied(source.method, cfg.method) | {k for k, m in OWN_SETTINGS.items() if m == cfg.method}
+    for key, value in source.flat_dict().items():
+        if key not in free and cfg.get(key) != value:
+            raise ConfigError(f"from_run takes what was trained from {source_dir}: {key}={value!r} there; got "
+                              f"{key}={cfg.get(key)!r} (drop it)")
+
+
 def build(cfg: RunConfig, *, with_data: bool = True, num_data: int | None = None) -> Run:
     """Seeded construction of data, model and guide; ``run.config`` is ``cfg`` resolved (see RunConfig.resolve).
 
@@ -187,7 +253,11 @@ def build(cfg: RunConfig, *, with_data: bool = True, num_data: int | None = None
             anchor = anchor_split(train, size, cfg.fit.seed)
     if train is not None and num_data is not None and num_data != len(train):
         raise ConfigError(f"num_data={num_data} but the training split has {len(train)} examples")
-    model = build_model(cfg, num_data=len(train) if train is not None else (num_data or 1))
+    check_from_run(cfg)
+    adapter = Path(cfg.from_run) / "adapter" if cfg.from_run else None  # the trained point the post-hoc step starts from
+    if adapter is not None:
+        _check_adapter(adapter, cfg)
+    model = build_model(cfg, num_data=len(train) if train is not None else (num_data or 1), adapter_dir=adapter)
     return Run(cfg, model, _make_guide(cfg, model), train, eval_split, held_out, anchor=anchor)
 
 
@@ -699,8 +769,9 @@ def _train_and_save(run: Run, out: Path, ckpt, *, progress: bool, resuming: bool
                 checkpoint(step, fit_state["optimizer_state"])
 
         try:
-            fit(run.model, run.guide, run.train, cfg.fit, autocast_dtype=cfg.runtime.autocast_dtype(), progress=progress,
-                start_step=start, state=state, callback=on_step)
+            if cfg.from_run is None:  # a post-hoc run starts from from_run's trained point
+                fit(run.model, run.guide, run.train, cfg.fit, autocast_dtype=cfg.runtime.autocast_dtype(),
+                    progress=progress, start_step=start, state=state, callback=on_step)
         except TrainingError as err:
             if last_saved is not None and "checkpoint" not in str(err):
                 raise TrainingError(f"{err}; the last good checkpoint (step {last_saved}) is kept") from err

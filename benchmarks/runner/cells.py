@@ -102,8 +102,9 @@ def train_member(cfg: RunConfig, out, rows: dict[str, int], *, progress: bool = 
     setup = time.perf_counter() - t0
     with open(out / "train_log.jsonl", "w") as log:
         t1 = time.perf_counter()
-        fit(run.model, run.guide, run.train, cfg.fit, autocast_dtype=cfg.runtime.autocast_dtype(), progress=progress,
-            callback=lambda record, _state: log.write(json.dumps(record) + "\n"))
+        if cfg.from_run is None:  # a post-hoc entry starts from its source entry's finished run
+            fit(run.model, run.guide, run.train, cfg.fit, autocast_dtype=cfg.runtime.autocast_dtype(),
+                progress=progress, callback=lambda record, _state: log.write(json.dumps(record) + "\n"))
         post_fit(run)  # a method's post-hoc step (temperature: T on the held-out training slice)
         train_seconds = time.perf_counter() - t1
     preds = predict_rows(run, run.eval, rows, progress)

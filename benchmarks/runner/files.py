@@ -31,7 +31,7 @@ __all__ = ["PREDICTIONS", "METRICS", "RUNTIME_KEYS", "write_json", "save_predict
 PREDICTIONS = "predictions.safetensors"
 METRICS = "metrics.json"
 # settings that do not change what a cell computes (where the data/device are), ignored when resuming
-RUNTIME_KEYS = ("data_dir", "device", "trust_remote_code", "checkpoint_every")
+RUNTIME_KEYS = ("data_dir", "device", "trust_remote_code", "checkpoint_every", "from_run")
 
 
 def write_json(path: Path, data: dict) -> None:

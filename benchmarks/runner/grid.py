@@ -11,9 +11,12 @@ A grid file (JSON or YAML)::
      "ood_datasets": ["arc_challenge", "mmlu_college_physics"]}     # optional: evaluate every run there too
 
 Every entry of ``methods`` and ``variants`` is a method name or ``{"name", "method", "overrides", "predict",
-"members", "member_method"}``. ``base`` and ``overrides`` hold :class:`~blob_pyro.config.RunConfig` settings
+"members", "member_method", "from"}``. ``base`` and ``overrides`` hold :class:`~blob_pyro.config.RunConfig` settings
 by their flat names (``"lr"``, ``"guide"``); ``predict`` maps result-row names to the number of prediction
-samples (``null``: the run's ``num_samples``), all evaluated from one trained run.
+samples (``null``: the run's ``num_samples``), all evaluated from one trained run. ``"from": "map"`` makes a
+post-hoc entry (``laplace``, ``tfb``) start from the finished run of the entry ``map`` of the same dataset and
+seed instead of training its own (``from_run``, :func:`blob_pyro.training.from_run_config`): the source entry
+runs first, and both must share what was trained.
 
 How a run's settings are put together (:func:`run_config`), lowest precedence first:
 
@@ -41,7 +44,7 @@ from pathlib import Path
 from blob_pyro.config import RunConfig, read_config_file
 from blob_pyro.ensemble import ENSEMBLE_SEED_STRIDE, member_dirs, member_seed
 from blob_pyro.errors import BlobPyroError, ConfigError
-from blob_pyro.methods import METHODS, PRESETS
+from blob_pyro.methods import FROM_RUN_SOURCES, METHODS, PRESETS
 
 __all__ = ["BenchError", "Entry", "Grid", "Cell", "load_grid", "cells_of", "run_config", "BENCH_METHODS",
            "ENSEMBLE_SEED_STRIDE"]
@@ -49,7 +52,7 @@ __all__ = ["BenchError", "Entry", "Grid", "Cell", "load_grid", "cells_of", "run_
 BENCH_METHODS = tuple(METHODS)  # "ensemble" is a cell of member runs here, as in blob_pyro.ensemble
 _GRID_KEYS = ("name", "output_dir", "base", "methods", "variants", "datasets", "seeds", "ensemble_size",
               "ood_datasets", "description")
-_ENTRY_KEYS = ("name", "method", "overrides", "predict", "members", "member_method")
+_ENTRY_KEYS = ("name", "method", "overrides", "predict", "members", "member_method", "from")
 _GRID_SET = ("method", "dataset", "seed")  # what the grid decides per cell, never base or overrides
 
 
@@ -67,6 +70,7 @@ class Entry:
     predict: dict = field(default_factory=dict)  # row -> num_samples (None: the run's); ensemble: row -> "probs"|"logits"
     members: int = 1
     member_method: str = "mle"
+    source: str | None = None  # "from": the entry whose finished run a post-hoc entry starts from
 
     @property
     def is_ensemble(self) -> bool:
@@ -138,11 +142,18 @@ class Cell:
         """The resolved RunConfig of every run of this cell."""
         e = self.entry
         if not e.is_ensemble:
-            return [run_config(base, e.overrides, method=e.method, dataset=self.dataset, seed=self.seed,
-                               where=self.label)]
+            cfg = run_config(base, e.overrides, method=e.method, dataset=self.dataset, seed=self.seed, where=self.label)
+            if e.source is not None:
+                cfg.from_run = str(self.source_dir)
+            return [cfg]
         return [run_config(base, e.overrides, method=e.member_method, dataset=self.dataset,
                            seed=member_seed(self.seed, j), where=self.label)
                 for j in range(e.members)]
+
+    @property
+    def source_dir(self) -> Path | None:
+        """The run folder a post-hoc entry starts from: its source entry's, same dataset and seed."""
+        return None if self.entry.source is None else self.dir.parent.parent / self.entry.source / self.dir.name
 
     def member_rows(self, cfg: RunConfig) -> dict[str, int]:
         """row name -> num_samples for one member run (the run's own num_samples first)."""
@@ -191,12 +202,16 @@ def _entry(item, where: str, ensemble_size: int) -> Entry:
         if member_method not in METHODS:
             raise BenchError(f"{where} ({name}): member_method must be one of {', '.join(METHODS)}")
         return Entry(name, method, overrides, dict(predict), members, member_method)
+    source = item.get("from")
+    if source is not None and (method not in FROM_RUN_SOURCES or not isinstance(source, str)):
+        raise BenchError(f"{where} ({name}): 'from' names the entry a post-hoc method ({', '.join(FROM_RUN_SOURCES)}) "
+                         f"starts from; got method {method!r}, from {source!r}")
     default = {name: None, f"{name}_mean": 0} if method == "blob" else {name: None}
     predict = item.get("predict") or default
     for k, v in predict.items():
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
             raise BenchError(f"{where} ({name}): predict[{k!r}] must be a number of samples >= 0 or null, got {v!r}")
-    return Entry(name, method, overrides, dict(predict))
+    return Entry(name, method, overrides, dict(predict), source=source)
 
 
 def load_grid(path, *, overrides: dict | None = None, data_dir: str | None = None, output_dir=None,
@@ -226,6 +241,11 @@ def load_grid(path, *, overrides: dict | None = None, data_dir: str | None = Non
     names = [e.name for e in entries]
     if len(set(names)) != len(names):
         raise BenchError(f"{path}: entry names must be unique, got {names}")
+    for i, e in enumerate(entries):
+        src = next((s for s in entries[:i] if s.name == e.source), None)
+        if e.source is not None and (src is None or src.is_ensemble or src.method not in FROM_RUN_SOURCES[e.method]):
+            raise BenchError(f"{path}: entry {e.name} starts from {e.source!r}, which must be an earlier entry of "
+                             f"method {' or '.join(FROM_RUN_SOURCES[e.method])}")
     rows = [r for e in entries for r in e.predict]
     if len(set(rows)) != len(rows):
         raise BenchError(f"{path}: result row names must be unique across entries, got {rows}")

@@ -96,6 +96,8 @@ def test_a_configuration_must_be_a_mapping():
     ({"lora_dropout": 1.0}, "lora_dropout must be in [0, 1)"), ({"warmup_ratio": 1.5}, "warmup_ratio"),
     ({"kl_multiplier": -1.0}, "kl_multiplier"),
     ({"load_in_8bit": True, "load_in_4bit": True}, "load_in_8bit and load_in_4bit exclude each other"),
+    ({"method": "blob", "from_run": "runs/map"}, "method=blob trains its own (drop from_run)"),
+    ({"method": "temperature", "from_run": "runs/mle"}, "method=temperature trains its own"),
 ])
 def test_bad_values_are_one_line_errors_naming_the_setting(data, needle):
     cfg = RunConfig.from_dict(data)  # construction takes anything; validate (and so resolve) checks
@@ -171,3 +173,11 @@ def test_unknown_key_in_a_file_names_the_file(tmp_path):
         RunConfig.from_file(path)
     msg = _one_line(err)
     assert str(path) in msg and "'prior_scal'" in msg and "did you mean 'prior_scale'" in msg
+
+
+def test_flat_settings_flattens_sections_and_refuses_unknown_names():
+    assert RunConfig.flat_settings({"fit": {"lr": 0.1}, "method": "map", "num_samples": 3}) == {
+        "lr": 0.1, "method": "map", "num_samples": 3}
+    with pytest.raises(ConfigError, match="max_stepz"):
+        RunConfig.flat_settings({"fit": {"max_stepz": 3}})
+    assert RunConfig.from_dict({"method": "laplace", "from_run": "runs/map"}).resolve().from_run == "runs/map"
