@@ -100,6 +100,9 @@ class FitConfig:
                                           "| fixed (kl_multiplier / N)", choices=tuple(KL_SCHEDULES), unset="blob")
     kl_multiplier: Optional[float] = _f(None, "KL multiplier for kl_schedule=fixed (default 1)", unset=1.0)
     gamma: float = _f(8.0, "gamma of BLoB's dataset rescaling")
+    kl_cycle: Optional[int] = _f(None, "kl_schedule=blob: steps per re-weighting cycle M (default: the official dataset "
+                                       "rescaling, int(100 N^(pi/gamma) / (processes x batch_size)); the official code "
+                                       "without --bayes-datasetrescaling uses the steps per epoch)")
     kl_lr: float = _f(0.01, "objective=paper: SGD learning rate of the KL step")
     seed: int = _f(0, "random seed (data order, initialisation, draws)")
 
@@ -276,6 +279,11 @@ class RunConfig:
                 raise ConfigError(f"{name} must be >= 0; got {v}")
         if self.adapter.lora_dropout is not None and not 0 <= self.adapter.lora_dropout < 1:
             raise ConfigError(f"lora_dropout must be in [0, 1); got {self.adapter.lora_dropout}")
+        if self.fit.kl_cycle is not None:
+            if self.fit.kl_cycle < 1:
+                raise ConfigError(f"kl_cycle must be >= 1; got {self.fit.kl_cycle}")
+            if self.fit.kl_schedule not in (None, "blob"):
+                raise ConfigError(f"kl_cycle sets the cycle of kl_schedule=blob; got kl_schedule={self.fit.kl_schedule}")
         km = self.fit.kl_multiplier
         if km is not None and (km < 0 or not math.isfinite(km)):
             raise ConfigError(f"kl_multiplier must be a finite number >= 0; got {km}")

@@ -278,7 +278,7 @@ def fit(model, guide, data, cfg: FitConfig | None = None, *, autocast_dtype: tor
                           f"{cfg.batch_size} x {procs}")
     device = next(model.network.parameters()).device
     schedule = make_kl_schedule(cfg.kl_schedule, num_data, cfg.batch_size, world_size=procs, gamma=cfg.gamma,
-                                multiplier=cfg.kl_multiplier)
+                                multiplier=cfg.kl_multiplier, cycle=cfg.kl_cycle)
     stream = batches(examples, cfg.batch_size * procs, seed=cfg.seed, start=start_step)
     set_lora_dropout(model.network)
     stepper = make_step(model, guide, cfg, autocast_dtype=autocast_dtype, device=device)

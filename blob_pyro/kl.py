@@ -11,7 +11,8 @@ of size N (scaled N/B), so the latent sites are scaled by ``N · weight``::
 
 - :class:`StandardKL`: the minibatch ELBO, weight 1/N (each step sees KL once per epoch of data).
 - :class:`BlobKLSchedule`: π_t = 2^i / (2^(M+1) − 1), i = t mod M in 1..M (increasing within a cycle),
-  with M = int(100 · N^(π/γ) / (world_size · B)) under dataset rescaling (γ = 8), else steps per epoch.
+  with M = int(100 · N^(π/γ) / (world_size · B)) under dataset rescaling (γ = 8), else steps per epoch, or a
+  given ``cycle``.
 - :class:`FixedKL`: a constant multiplier c, weight c/N.
 """
 
@@ -65,15 +66,21 @@ class BlobKLSchedule:
     :param int world_size: number of processes; M is divided by it so the number of cycles does
         not depend on the process count.
     :param bool dataset_rescaling: M from the formula above; otherwise M = steps per epoch.
+    :param cycle: M itself (overrides both): the number of KL spikes a run gets is max_steps / M, and the formula's
+        M, made for the paper's 5,000 steps, gives a short run on a small split only two or three.
     """
 
     name = "blob"
 
     def __init__(self, num_data: int, batch_size: int, *, gamma: float = 8.0, world_size: int = 1,
-                 dataset_rescaling: bool = True):
+                 dataset_rescaling: bool = True, cycle: int | None = None):
         self.num_data = int(num_data)
         kept = (self.num_data // batch_size) * batch_size  # N after drop_last, as the official loader counts it
-        if dataset_rescaling:
+        if cycle is not None:
+            if int(cycle) < 1:
+                raise ValueError(f"the KL cycle must be >= 1 step, got {cycle}")
+            m = int(cycle)
+        elif dataset_rescaling:
             m = int(100 * kept ** (math.pi / gamma) / world_size / batch_size)
         else:
             m = self.num_data // (batch_size * world_size)
@@ -92,12 +99,13 @@ KL_SCHEDULES = {"blob": BlobKLSchedule, "standard": StandardKL, "fixed": FixedKL
 
 
 def make_kl_schedule(name: str, num_data: int, batch_size: int, *, world_size: int = 1,
-                     gamma: float = 8.0, multiplier: float = 1.0, dataset_rescaling: bool = True):
+                     gamma: float = 8.0, multiplier: float = 1.0, dataset_rescaling: bool = True,
+                     cycle: int | None = None):
     if name == "standard":
         return StandardKL(num_data)
     if name == "blob":
         return BlobKLSchedule(num_data, batch_size, gamma=gamma, world_size=world_size,
-                              dataset_rescaling=dataset_rescaling)
+                              dataset_rescaling=dataset_rescaling, cycle=cycle)
     if name == "fixed":
         return FixedKL(num_data, multiplier)
     raise ConfigError(f"unknown kl_schedule {name!r}; choose one of {', '.join(KL_SCHEDULES)}")

@@ -97,6 +97,9 @@ def test_a_configuration_must_be_a_mapping():
     ({"kl_multiplier": -1.0}, "kl_multiplier"),
     ({"load_in_8bit": True, "load_in_4bit": True}, "load_in_8bit and load_in_4bit exclude each other"),
     ({"method": "blob", "from_run": "runs/map"}, "method=blob trains its own (drop from_run)"),
+    ({"kl_cycle": 0}, "kl_cycle must be >= 1"),
+    ({"kl_cycle": 25, "kl_schedule": "standard"}, "kl_cycle sets the cycle of kl_schedule=blob"),
+    ({"kl_cycle": 25, "method": "mle"}, "kl_cycle sets the cycle of kl_schedule=blob; got kl_schedule=fixed"),
     ({"method": "temperature", "from_run": "runs/mle"}, "method=temperature trains its own"),
 ])
 def test_bad_values_are_one_line_errors_naming_the_setting(data, needle):

@@ -59,6 +59,10 @@ def test_fit_accepts_a_split_and_reads_the_schedule():
     model = tiny_model("B", num_data=16)
     log = fit(model, make_guide("blob", model), examples, FitConfig(max_steps=2, batch_size=4), progress=False)
     assert log[0]["kl_weight"] < log[1]["kl_weight"] < 1e-3  # the default: BLoB's schedule, increasing in a cycle
+    model = tiny_model("B", num_data=16)
+    log = fit(model, make_guide("blob", model), examples, FitConfig(max_steps=4, batch_size=4, kl_cycle=2),
+              progress=False)
+    assert [r["kl_weight"] for r in log] == pytest.approx([2 / 7, 4 / 7] * 2)  # 2^i / (2^3 - 1), i = 1, 2
 
 
 def test_fit_refuses_a_model_whose_plate_size_is_not_the_data_size():

@@ -46,6 +46,17 @@ def test_standard_and_fixed_schedules():
             FixedKL(10, bad)
 
 
+def test_a_given_kl_cycle_replaces_the_formulas_m():
+    s = BlobKLSchedule(400, 8, cycle=25)
+    assert s.cycle == 25 and BlobKLSchedule(400, 8).cycle == 131  # 100 * 400^(pi/8) / 8
+    assert sum(s.weight(t) for t in range(1, 26)) == pytest.approx(1.0, abs=1e-7)  # one KL per cycle
+    assert s.weight(25) == pytest.approx(2 ** 25 / (2 ** 26 - 1)) and s.weight(50) == s.weight(25)
+    assert s.weight(26) == s.weight(1) < 1e-7
+    assert make_kl_schedule("blob", 400, 8, cycle=25).cycle == 25
+    with pytest.raises(ValueError, match="cycle must be >= 1"):
+        BlobKLSchedule(400, 8, cycle=0)
+
+
 def test_make_kl_schedule_by_name():
     assert isinstance(make_kl_schedule("blob", 640, 4), BlobKLSchedule)
     assert make_kl_schedule("blob", 640, 4, world_size=2).cycle == 158
