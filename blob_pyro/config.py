@@ -181,9 +181,9 @@ class RunConfig:
                                               "parameters; default diag)", choices=(None, "diag", "full"))
     laplace_subset: Optional[str] = _f(None, "method=laplace: which LoRA factors, all | last_layer (those of the last "
                                              "LoRA module; default all)", choices=(None, "all", "last_layer"))
-    from_run: Optional[str] = _f(None, "method=laplace | tfb: a finished run folder (map for laplace; mle or map for "
-                                       "tfb) whose trained point the post-hoc step starts from instead of training; "
-                                       "the training settings are that run's")
+    from_run: Optional[str] = _f(None, "method=laplace | tfb: a finished mle or map run folder whose trained point "
+                                       "the post-hoc step starts from instead of training; the training settings "
+                                       "are that run's")
     preset: Optional[str] = _f(None, "'paper': the official optimisation (A factor, AdamW on NLL + SGD on KL)",
                                choices=(None, *PRESETS))
     adapter: AdapterConfig = field(default_factory=AdapterConfig)

@@ -73,10 +73,10 @@ OWN_SETTINGS = {"ensemble_size": "ensemble", "calibration_fraction": "temperatur
                 "laplace_subset": "laplace"}
 """Settings that only one method reads: given with another method they are refused rather than ignored."""
 
-FROM_RUN_SOURCES = {"laplace": ("map",), "tfb": ("mle", "map")}
+FROM_RUN_SOURCES = {"laplace": ("mle", "map"), "tfb": ("mle", "map")}
 """The post-hoc methods that can start from a finished run (``from_run``) instead of training, and the methods that
-run may have been trained with: Laplace needs a MAP point (the prior is part of its posterior), TFB any point
-estimate of the LoRA factors."""
+run may have been trained with: a point estimate of the LoRA factors without dropout or a posterior of its own.
+(Laplace-LoRA's own MAP is the AdamW fine-tune, ``mle`` here; its prior enters through the fitted precision.)"""
 
 PRESETS = {
     "paper": Method("paper", "the official optimisation: Bayesian A, BLoB guide and KL re-weighting, AdamW on the "

@@ -1,4 +1,4 @@
-"""Post-hoc methods on a finished run (``--from-run``): Laplace around a map run's point and TFB on an mle run's,
+"""Post-hoc methods on a finished run (``--from-run``): Laplace around a map or mle run's point, TFB on an mle run's,
 without training; what a one-go ``--method laplace`` run computes; refusals; the grid's ``"from"`` entries."""
 
 import json
@@ -78,7 +78,7 @@ def test_tfb_from_an_mle_run_bayesianizes_its_point(sources):
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--method", "laplace", "--from-run", "{mle}"], "method=laplace starts from a map run"),
+    (["--method", "laplace", "--from-run", "{blob}"], "method=laplace starts from a mle or map run"),
     (["--method", "tfb", "--from-run", "{blob}"], "method=tfb starts from a mle or map run"),
     (["--method", "blob", "--from-run", "{map}"], "method=blob trains its own"),
     (["--method", "laplace", "--from-run", "{map}", "--max-steps", "7"], "max_steps=3 there"),
@@ -114,7 +114,7 @@ def test_a_grid_entry_from_another_starts_from_its_finished_run(sources, tmp_pat
     grid = {"name": "posthoc", "base": {"model": "minilm", "max_steps": 2, "batch_size": 4, "max_length": 32,
                                         "eval_batch_size": 8},
             "methods": ["map", "mle"],
-            "variants": [{"name": "laplace", "method": "laplace", "from": "map", "overrides": {"num_samples": 2}},
+            "variants": [{"name": "laplace", "method": "laplace", "from": "mle", "overrides": {"num_samples": 2}},
                          {"name": "tfb", "method": "tfb", "from": "mle",
                           "overrides": {"num_samples": 2, "tfb_anchor_size": 4}}],
             "datasets": ["winogrande_s"], "seeds": [1]}
@@ -123,7 +123,7 @@ def test_a_grid_entry_from_another_starts_from_its_finished_run(sources, tmp_pat
     out = tmp_path / "out"
     assert runner_main(["run", str(path), "--out", str(out), "--data-dir", str(data), "--quiet"]) == 0
     runs = out / "runs" / "winogrande_s"
-    for name, source in (("laplace", "map"), ("tfb", "mle")):
+    for name, source in (("laplace", "mle"), ("tfb", "mle")):
         cfg = json.loads((runs / name / "seed1" / "config.json").read_text())["config"]
         assert cfg["from_run"] == str(runs / source / "seed1")
         assert (runs / name / "seed1" / "train_log.jsonl").read_text() == ""
@@ -133,7 +133,7 @@ def test_a_grid_entry_from_another_starts_from_its_finished_run(sources, tmp_pat
 
 
 @pytest.mark.parametrize("variants, words", [
-    ([{"name": "laplace", "method": "laplace", "from": "mle"}], "must be an earlier entry of method map"),
+    ([{"name": "laplace", "method": "laplace", "from": "blob"}], "must be an earlier entry of method mle or map"),
     ([{"name": "laplace", "method": "laplace", "from": "nothing"}], "must be an earlier entry"),
     ([{"name": "b2", "method": "blob", "from": "map"}], "'from' names the entry a post-hoc method"),
 ])
@@ -141,7 +141,7 @@ def test_grid_from_mistakes_are_refused_when_the_grid_loads(tmp_path, variants, 
     from benchmarks.runner.grid import BenchError
 
     path = tmp_path / "grid.json"
-    path.write_text(json.dumps({"name": "g", "base": {"model": "minilm"}, "methods": ["map", "mle"],
+    path.write_text(json.dumps({"name": "g", "base": {"model": "minilm"}, "methods": ["map", "mle", "blob"],
                                 "variants": variants, "datasets": ["winogrande_s"], "seeds": [1]}))
     with pytest.raises(BenchError, match=words):
         load_grid(path)
