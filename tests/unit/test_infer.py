@@ -7,8 +7,8 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
-from pyro.poutine.messenger import Messenger
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from pyro.poutine.messenger import Messenger
 from torch.distributions import kl_divergence
 
 from blob_pyro.config import FitConfig
