@@ -37,7 +37,7 @@ class _IIDPrior:
     def __call__(self, site) -> dist.Distribution:
         # A constant distribution, built once per shape and device: the model asks for it at every step.
         device = getattr(site, "device", None)
-        key = (tuple(site.shape), None if device is None else torch.device(device))
+        key = (tuple(site.shape), None if device is None else torch.device(device), self.scale, getattr(self, "df", None))
         d = self._built.get(key)
         if d is None:
             zero = torch.zeros((), device=device)
