@@ -9,7 +9,7 @@ examples, 4 posterior samples, seed 1) and cover ``--method mle``, ``--method bl
     python benchmarks/exactness.py --compare-only --out /tmp/exact       # diff runs already there
 
 Each checkout trains in its own process with that checkout first on ``PYTHONPATH``; run folders go to
-``OUT/<src|ref>/<case>``, existing ones are reused (``--retrain`` trains them again). Exit status 0 when
+``OUT/<src|ref>/<case>``, existing ones are reused (``--retrain src`` trains this checkout's again). Exit status 0 when
 every case is identical, 1 when one differs (the first differences are printed), 2 on a usage error.
 """
 
@@ -64,7 +64,8 @@ def main(argv=None) -> int:
     p.add_argument("--ref", type=Path, help="the reference checkout (needed unless --compare-only)")
     p.add_argument("--out", type=Path, required=True, help="folder for the run folders (outside both checkouts)")
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
-    p.add_argument("--retrain", action="store_true", help="train again even where a run folder exists")
+    p.add_argument("--retrain", choices=("src", "ref", "both"), help="train that side again even where its run folders "
+                                                                     "exist (e.g. src after a change)")
     p.add_argument("--compare-only", action="store_true", help="train nothing, diff the run folders in --out")
     p.add_argument("--set", dest="extra", action="append", default=[], help="one more train flag (repeatable)")
     args = p.parse_args(argv)
@@ -79,7 +80,7 @@ def main(argv=None) -> int:
         runs = {side: args.out / side / case for side in ("src", "ref")}
         if not args.compare_only:
             for side, src in (("src", args.src), ("ref", args.ref)):
-                if args.retrain or not (runs[side] / "metrics.json").is_file():
+                if args.retrain in (side, "both") or not (runs[side] / "metrics.json").is_file():
                     train(src.resolve(), case, runs[side], args.extra)
         diffs = differences(runs["src"], runs["ref"])
         print(f"{case}: {'identical' if not diffs else f'{len(diffs)} differences'}")
