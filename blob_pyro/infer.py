@@ -33,7 +33,6 @@ from collections.abc import Callable
 import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
-from pyro.poutine.messenger import Messenger
 from torch.distributions import kl_divergence
 
 from . import distributed
@@ -45,9 +44,14 @@ from .optim import param_groups, register_parameters, set_lora_dropout, warmup_l
 from .poutine import flipout, float64_latents, scale_latents
 from .precision import warn_if_emulated
 
-__all__ = ["fit", "make_step", "ElboStep", "PaperStep", "kl_terms", "resolved_fit_config"]
+__all__ = ["fit", "make_step", "ElboStep", "PaperStep", "kl_terms", "resolved_fit_config", "KeepTrace_ELBO",
+           "KeepTraceMeanField_ELBO"]
 
 STATE_FORMAT = "blob_pyro.grouped_adamw"  # the ELBO step's optimiser state (checkpoints)
+# torch picks the per-tensor Python loop on CPU; the multi-tensor kernels do the same arithmetic per element
+# (bit-identical parameters, tests/unit/test_infer.py) without a Python round per parameter. Fused AdamW is not
+# bit-identical to either, so it is used only where it was before (float32 on CUDA).
+_FOREACH = True
 
 
 def resolved_fit_config(cfg: FitConfig | None = None, **settings) -> FitConfig:
@@ -56,19 +60,26 @@ def resolved_fit_config(cfg: FitConfig | None = None, **settings) -> FitConfig:
 
 
 # ---- what one step records ----------------------------------------------------------------------
-class _SiteTape(Messenger):
-    """Keeps the message of every sample site of the last run it was entered for (by name)."""
+class _KeepTraces:
+    """Keeps the (model, guide) traces of the last particle of each call: the step's KL and NLL are read from
+    them, so no extra handler rides on every sample site and no log-density is computed twice."""
 
-    def __init__(self):
-        super().__init__()
-        self.sites: dict[str, dict] = {}
+    traces: tuple | None = None
 
-    def __enter__(self):
-        self.sites = {}
-        return super().__enter__()
+    def _get_trace(self, model, guide, args, kwargs):
+        self.traces = super()._get_trace(model, guide, args, kwargs)
+        return self.traces
 
-    def _pyro_sample(self, msg):
-        self.sites[msg["name"]] = msg  # the live message: later handlers fill in its fn and value
+
+class KeepTrace_ELBO(_KeepTraces, Trace_ELBO):
+    """Pyro's ``Trace_ELBO``, unchanged, that also keeps the last particle's traces in ``traces``."""
+
+
+class KeepTraceMeanField_ELBO(_KeepTraces, TraceMeanField_ELBO):
+    """Pyro's ``TraceMeanField_ELBO``, unchanged, that also keeps the last particle's traces in ``traces``."""
+
+
+ELBOS = {"trace": KeepTrace_ELBO, "meanfield": KeepTraceMeanField_ELBO}
 
 
 def kl_terms(model_sites: dict, guide_sites: dict) -> torch.Tensor:
@@ -76,7 +87,8 @@ def kl_terms(model_sites: dict, guide_sites: dict) -> torch.Tensor:
 
     ``*_sites`` map names to trace nodes or messages. For a point-estimate (``Delta``) site the MC term is
     log δ − log p = −log p(θ), the MAP penalty: what the ELBO optimises, negative when the prior density
-    exceeds 1 (the KL of a point mass is infinite).
+    exceeds 1 (the KL of a point mass is infinite). The MC term reuses the trace nodes' ``unscaled_log_prob``
+    where both have one (the same densities of the same draw).
     """
     total = 0.0
     for name, site in guide_sites.items():
@@ -84,17 +96,24 @@ def kl_terms(model_sites: dict, guide_sites: dict) -> torch.Tensor:
             continue
         if (site.get("infer") or {}).get("is_auxiliary"):
             continue
-        prior = model_sites[name]["fn"]
+        model_site = model_sites[name]
+        prior = model_site["fn"]
         try:
             total = total + kl_divergence(site["fn"], prior).sum()
         except NotImplementedError:
-            value = site["value"]
-            total = total + (site["fn"].log_prob(value) - prior.log_prob(value)).sum()
+            if "unscaled_log_prob" in site and "unscaled_log_prob" in model_site:
+                total = total + (site["unscaled_log_prob"] - model_site["unscaled_log_prob"]).sum()
+            else:
+                value = site["value"]
+                total = total + (site["fn"].log_prob(value) - prior.log_prob(value)).sum()
     return torch.as_tensor(total)
 
 
 def _nll(obs_site) -> torch.Tensor:
-    return -obs_site["fn"].log_prob(obs_site["value"]).mean()
+    log_p = obs_site.get("unscaled_log_prob")
+    if log_p is None:
+        log_p = obs_site["fn"].log_prob(obs_site["value"])
+    return -log_p.mean()
 
 
 def _context(model, *, scale: float | None, autocast_dtype, device_type: str):
@@ -131,28 +150,20 @@ class ElboStep:
         self.params = [p for g in self.groups for p in g["params"]]
         fused = all(p.is_cuda and p.dtype == torch.float32 for p in self.params) or None
         self.optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k not in ("names", "key")} for g in self.groups],
-                                           fused=fused)
+                                           fused=fused, foreach=_FOREACH if not fused else None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_linear(cfg.max_steps,
                                                                                           cfg.warmup_ratio))
-        elbo = Trace_ELBO if cfg.elbo == "trace" else TraceMeanField_ELBO
-        self.elbo = elbo(num_particles=cfg.num_particles)
-        self.model_tape, self.guide_tape = _SiteTape(), _SiteTape()
-
-    def _model(self, *args, **kwargs):
-        with self.model_tape:
-            return self.model(*args, **kwargs)
-
-    def _guide(self, *args, **kwargs):
-        with self.guide_tape:
-            return self.guide(*args, **kwargs)
+        self.elbo = ELBOS[cfg.elbo](num_particles=cfg.num_particles)
 
     def step(self, batch: dict, kl_weight: float, num_data: int) -> dict:
         with _context(self.model, scale=num_data * kl_weight, autocast_dtype=self.autocast_dtype,
                       device_type=self.device_type):
-            loss = self.elbo.loss_and_grads(self._model, self._guide, batch)
+            loss = self.elbo.loss_and_grads(self.model, self.guide, batch)
+            model_trace, guide_trace = self.elbo.traces
+            self.elbo.traces = None  # nothing of this step outlives it
             with torch.no_grad():  # read before the optimiser moves the parameters the sites refer to
-                kl = kl_terms(self.model_tape.sites, self.guide_tape.sites).item()
-                nll = _nll(self.model_tape.sites["obs"]).item()
+                kl = kl_terms(model_trace.nodes, guide_trace.nodes).item()
+                nll = _nll(model_trace.nodes["obs"]).item()
         distributed.average_gradients(self.params)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -190,8 +201,8 @@ class PaperStep:
                                                       param_groups(params, guide, lr=cfg.lr)]
         self.order = self.mean_names + rho_names
         self.params = means + rho
-        self.opt1 = torch.optim.AdamW(means, lr=cfg.lr, eps=1e-6, weight_decay=0.0)
-        self.opt2 = torch.optim.SGD(means + rho, lr=cfg.kl_lr)
+        self.opt1 = torch.optim.AdamW(means, lr=cfg.lr, eps=1e-6, weight_decay=0.0, foreach=_FOREACH)
+        self.opt2 = torch.optim.SGD(means + rho, lr=cfg.kl_lr, foreach=_FOREACH)
         factor = warmup_linear(cfg.max_steps, cfg.warmup_ratio)
         self.sched1 = torch.optim.lr_scheduler.LambdaLR(self.opt1, factor)
         self.sched2 = torch.optim.lr_scheduler.LambdaLR(self.opt2, factor)

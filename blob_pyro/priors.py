@@ -29,13 +29,20 @@ class _IIDPrior:
 
     def __init__(self, scale: float = 0.2):
         self.scale = _check_scale(scale)
+        self._built: dict[tuple, dist.Distribution] = {}
 
     def _base(self, zero: torch.Tensor) -> dist.Distribution:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def __call__(self, site) -> dist.Distribution:
-        zero = torch.zeros((), device=getattr(site, "device", None))
-        return self._base(zero).expand(tuple(site.shape)).to_event(len(site.shape))
+        # A constant distribution, built once per shape and device: the model asks for it at every step.
+        device = getattr(site, "device", None)
+        key = (tuple(site.shape), None if device is None else torch.device(device), self.scale, getattr(self, "df", None))
+        d = self._built.get(key)
+        if d is None:
+            zero = torch.zeros((), device=device)
+            d = self._built[key] = self._base(zero).expand(key[0]).to_event(len(key[0]))
+        return d
 
     def describe(self) -> str:
         return f"{type(self).__name__[:-5]}(0, {self.scale:g})"

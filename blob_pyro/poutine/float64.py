@@ -23,23 +23,28 @@ __all__ = ["Float64Density", "Float64Latents", "float64_latents", "as_float64"]
 
 
 def as_float64(d):
-    """``d`` with float64 parameters (same family), or None for a family not handled here."""
+    """``d`` with float64 parameters (same family), or None for a family not handled here.
+
+    The copy does not validate its arguments again: they are exact casts of ``d``'s, which ``d`` validated (or
+    was built not to). :class:`Float64Density` validates a value against ``d`` where ``d`` validates.
+    """
     if isinstance(d, dist.Independent):
         inner = as_float64(d.base_dist)
-        return None if inner is None else dist.Independent(inner, d.reinterpreted_batch_ndims)
+        return None if inner is None else dist.Independent(inner, d.reinterpreted_batch_ndims, validate_args=False)
     if isinstance(d, dist.TransformedDistribution):
         inner = as_float64(d.base_dist)
-        return None if inner is None else dist.TransformedDistribution(inner, d.transforms)
+        return None if inner is None else dist.TransformedDistribution(inner, d.transforms, validate_args=False)
     if isinstance(d, dist.Normal):
-        return dist.Normal(d.loc.double(), d.scale.double())
+        return dist.Normal(d.loc.double(), d.scale.double(), validate_args=False)
     if isinstance(d, dist.Laplace):
-        return dist.Laplace(d.loc.double(), d.scale.double())
+        return dist.Laplace(d.loc.double(), d.scale.double(), validate_args=False)
     if isinstance(d, dist.StudentT):
-        return dist.StudentT(d.df.double(), d.loc.double(), d.scale.double())
+        return dist.StudentT(d.df.double(), d.loc.double(), d.scale.double(), validate_args=False)
     if isinstance(d, dist.LowRankMultivariateNormal):
-        return dist.LowRankMultivariateNormal(d.loc.double(), d.cov_factor.double(), d.cov_diag.double())
+        return dist.LowRankMultivariateNormal(d.loc.double(), d.cov_factor.double(), d.cov_diag.double(),
+                                              validate_args=False)
     if isinstance(d, dist.Delta):
-        return dist.Delta(d.v.double(), d.log_density.double(), event_dim=d.event_dim)
+        return dist.Delta(d.v.double(), d.log_density.double(), event_dim=d.event_dim, validate_args=False)
     return None
 
 
@@ -83,6 +88,8 @@ class Float64Density(dist.TorchDistribution):
         wide = as_float64(self.base_dist)
         if wide is None:
             return self.base_dist.log_prob(value)
+        if self.base_dist._validate_args:  # what the float64 copy would check, checked once on the original
+            self.base_dist._validate_sample(value)
         return wide.log_prob(value.double())
 
     def expand(self, batch_shape, _instance=None):

@@ -7,13 +7,14 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
-from pyro.infer import TraceMeanField_ELBO
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from pyro.poutine.messenger import Messenger
 from torch.distributions import kl_divergence
 
 from blob_pyro.config import FitConfig
 from blob_pyro.errors import ConfigError, TrainingError
 from blob_pyro.guides import make_guide
-from blob_pyro.infer import ElboStep, PaperStep, fit, kl_terms, make_step, resolved_fit_config
+from blob_pyro.infer import ElboStep, PaperStep, _context, fit, kl_terms, make_step, resolved_fit_config
 from blob_pyro.kl import closed_form_kl
 from blob_pyro.optim import register_parameters
 from blob_pyro.priors import make_prior
@@ -152,8 +153,9 @@ def test_make_step_is_the_elbo_step_with_two_lr_groups(elbo):
     model = tiny_model("B")
     guide = make_guide("blob", model)
     step = make_step(model, guide, FitConfig(max_steps=10, lr=1e-2, scale_lr=1e-1, warmup_ratio=0.2, elbo=elbo))
-    assert isinstance(step, ElboStep) and type(step.elbo).__name__ == ("Trace_ELBO" if elbo == "trace"
-                                                                       else "TraceMeanField_ELBO")
+    pyro_elbo = TraceMeanField_ELBO if elbo == "meanfield" else Trace_ELBO
+    assert isinstance(step, ElboStep) and isinstance(step.elbo, pyro_elbo)
+    assert isinstance(step.elbo, TraceMeanField_ELBO) == (elbo == "meanfield")
     assert step.current_lr() == pytest.approx({"loc": 1e-2 / 3, "scale": 1e-1 / 3})  # warm-up step 1 of 2
     record = step.step(model.head.collate(tiny_examples(4)), 1 / 16, 16)
     assert all(math.isfinite(record[k]) for k in ("loss", "nll", "kl"))
@@ -276,3 +278,115 @@ def test_resolved_fit_config_fills_what_is_not_set():
     assert (cfg.objective, cfg.kl_schedule, cfg.kl_multiplier) == ("elbo", "blob", 1.0)
     assert resolved_fit_config(FitConfig(objective="paper"), lr=0.5).lr == 0.5
     assert resolved_fit_config(FitConfig(kl_multiplier=0.0)).kl_multiplier == 0.0
+
+
+# ---- the step's fast path computes what the plain one does, bit for bit -----------------------------
+class _Tape(Messenger):
+    """Every sample message of the last run (the step's bookkeeping before it read the ELBO's traces)."""
+
+    def __enter__(self):
+        self.sites = {}
+        return super().__enter__()
+
+    def _pyro_sample(self, msg):
+        self.sites[msg["name"]] = msg
+
+
+def _plain_kl(model_sites, guide_sites):
+    total = 0.0
+    for name, site in guide_sites.items():
+        if site["is_observed"] or name not in model_sites:
+            continue
+        prior = model_sites[name]["fn"]
+        try:
+            total = total + kl_divergence(site["fn"], prior).sum()
+        except NotImplementedError:
+            total = total + (site["fn"].log_prob(site["value"]) - prior.log_prob(site["value"])).sum()
+    return torch.as_tensor(total)
+
+
+def _plain_elbo_step(step, batch, kl_weight, num_data):
+    """What ElboStep.step did with Pyro's own ELBO, a handler per site and per-tensor AdamW: the reference."""
+    elbo = (TraceMeanField_ELBO if isinstance(step.elbo, TraceMeanField_ELBO) else Trace_ELBO)()
+    model_tape, guide_tape = _Tape(), _Tape()
+
+    def model(*args):
+        with model_tape:
+            return step.model(*args)
+
+    def guide(*args):
+        with guide_tape:
+            return step.guide(*args)
+
+    with _context(step.model, scale=num_data * kl_weight, autocast_dtype=None, device_type="cpu"):
+        loss = elbo.loss_and_grads(model, guide, batch)
+        with torch.no_grad():
+            kl = _plain_kl(model_tape.sites, guide_tape.sites).item()
+            obs = model_tape.sites["obs"]
+            nll = (-obs["fn"].log_prob(obs["value"]).mean()).item()
+    step.optimizer.step()
+    step.optimizer.zero_grad(set_to_none=True)
+    step.scheduler.step()
+    return {"loss": loss / num_data, "nll": nll, "kl": kl}
+
+
+def _per_tensor(optimizer):
+    """The same optimiser with torch's per-tensor loop (the CPU default before the step asked for foreach)."""
+    groups = [{k: v for k, v in g.items() if k != "foreach"} for g in optimizer.param_groups]
+    return type(optimizer)(groups, foreach=False)
+
+
+def _fast_and_plain(make, cfg: FitConfig, run_plain, weights=(1e-3, 0.02, 0.5, 0.1, 1e-3, 0.02)):
+    """The step's records and final parameters, and the plain reference's, from the same start and RNG state."""
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    model, guide, batches = make()
+    register_parameters(model, guide)
+    start, rng = store_snapshot(), torch.get_rng_state()
+    out = []
+    for plain in (False, True):
+        with torch.no_grad():
+            for name, value in pyro.get_param_store().named_parameters():
+                value.copy_(start[name])
+        torch.set_rng_state(rng)
+        step = make_step(model, guide, cfg)
+        records = [(run_plain if plain else type(step).step)(step, b, w, 16) for b, w in zip(batches, weights)]
+        out.append((records, store_snapshot()))
+    (fast_records, fast_params), (plain_records, plain_params) = out
+    assert fast_records == plain_records  # floats compared exactly
+    assert fast_params.keys() == plain_params.keys() and all(torch.equal(fast_params[k], plain_params[k])
+                                                              for k in fast_params)
+    assert any(not torch.equal(fast_params[k], start[k]) for k in start)  # the steps moved something
+
+
+def _tiny(guide_name, factor="B"):
+    def make():
+        model = tiny_model(factor)
+        return model, make_guide(guide_name, model), [model.head.collate(tiny_examples(8)[i:i + 4]) for i in (0, 4, 2, 1, 3, 0)]
+    return make
+
+
+@pytest.mark.parametrize("guide_name,elbo", [("blob", "trace"), ("lowrank", "trace"), ("auto_delta", "trace"),
+                                             ("auto_normal", "trace"), ("blob", "meanfield")])
+def test_elbo_step_is_bit_identical_to_pyros_elbo_with_a_handler_per_site_and_per_tensor_adamw(guide_name, elbo):
+    def plain(step, batch, w, n):
+        if not getattr(step, "_plain", False):
+            step.optimizer = _per_tensor(step.optimizer)
+            step.scheduler = torch.optim.lr_scheduler.LambdaLR(step.optimizer, step.scheduler.lr_lambdas[0])
+            step._plain = True
+        return _plain_elbo_step(step, batch, w, n)
+
+    _fast_and_plain(_tiny(guide_name, "both" if guide_name == "auto_normal" else "B"),
+                    FitConfig(max_steps=10, lr=3e-2, warmup_ratio=0.2, elbo=elbo), plain)
+
+
+def test_paper_step_is_bit_identical_with_per_tensor_optimisers():
+    def plain(step, batch, w, n):
+        if not getattr(step, "_plain", False):
+            step.opt1, step.opt2 = _per_tensor(step.opt1), _per_tensor(step.opt2)
+            step.sched1 = torch.optim.lr_scheduler.LambdaLR(step.opt1, step.sched1.lr_lambdas[0])
+            step.sched2 = torch.optim.lr_scheduler.LambdaLR(step.opt2, step.sched2.lr_lambdas[0])
+            step._plain = True
+        return PaperStep.step(step, batch, w, n)
+
+    _fast_and_plain(_tiny("blob", "A"), FitConfig(max_steps=10, lr=3e-2, warmup_ratio=0.2, objective="paper"), plain)

@@ -105,3 +105,15 @@ def test_float32_density_is_nan_but_the_step_stays_finite_when_a_std_underflows(
         record = step.step(batch, 0.5, 16)
         assert all(math.isfinite(record[k]) for k in ("loss", "nll", "kl")), record
     assert all(torch.isfinite(p).all() for p in pyro.get_param_store().values())
+
+
+def test_a_value_outside_the_support_is_refused_as_before_though_the_float64_copy_does_not_validate():
+    pyro.enable_validation(True)
+    positive = Float64Density(dist.LogNormal(torch.zeros(3), torch.ones(3)).to_event(1))
+    assert Float64Density(dist.Normal(torch.zeros(3), torch.ones(3)).to_event(1)).log_prob(torch.ones(3)).dtype == \
+        torch.float64
+    with pytest.raises(ValueError, match="support"):
+        Float64Density(dist.Normal(torch.zeros(3), torch.ones(3)).to_event(1)).log_prob(torch.tensor([0.0, math.nan, 1.0]))
+    assert positive.log_prob(torch.ones(3)).dtype == torch.float32  # a family as_float64 does not know: its own
+    wide = as_float64(dist.Normal(torch.zeros(2), torch.ones(2)))
+    assert wide.loc.dtype == torch.float64 and not wide._validate_args

@@ -56,3 +56,14 @@ def test_scale_must_be_finite_and_positive(scale):
 def test_unknown_family_names_the_choices():
     with pytest.raises(ValueError, match="normal, laplace, student_t"):
         make_prior("cauchy", 0.1)
+
+
+def test_a_prior_is_built_once_per_shape_and_device_and_gives_the_same_densities():
+    from types import SimpleNamespace
+
+    prior = NormalPrior(0.2)
+    a, b = SimpleNamespace(shape=(3, 2), device=None), SimpleNamespace(shape=(2, 3), device="cpu")
+    assert prior(a) is prior(SimpleNamespace(shape=(3, 2), device=None)) and prior(b) is not prior(a)
+    x = torch.randn(3, 2)
+    fresh = dist.Normal(torch.zeros(()), torch.zeros(()) + 0.2).expand((3, 2)).to_event(2)
+    assert torch.equal(prior(a).log_prob(x), fresh.log_prob(x)) and prior(a).event_shape == (3, 2)
