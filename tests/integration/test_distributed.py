@@ -67,10 +67,11 @@ def _log(run: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def runs(tiny_llama_dir, data_dir, tmp_path_factory):
-    """Two configurations, each trained by 2 processes (batch 4 each) and by 1 process (batch 8)."""
+    """Three configurations, each trained by 2 processes (batch 4 each) and by 1 process (batch 8)."""
     root = tmp_path_factory.mktemp("dist")
     configs = {"exact": _settings(tiny_llama_dir, data_dir, flipout=False),
-               "flipout": _settings(tiny_llama_dir, data_dir, flipout=True, num_samples=2)}
+               "flipout": _settings(tiny_llama_dir, data_dir, flipout=True, num_samples=2),
+               "ensemble": _settings(tiny_llama_dir, data_dir, method="ensemble", ensemble_size=2)}
     worker = root / "worker.py"
     worker.write_text(WORKER)
     argvs = [_argv(dict(c, batch_size=4), root / f"two_{name}") for name, c in configs.items()]
@@ -124,3 +125,26 @@ def test_two_processes_agree_in_distribution_with_flipout(runs):
     files = sorted(p.name for p in two.iterdir())
     assert files == ["adapter", "config.json", "metrics.json", "posterior.safetensors", "predictions.safetensors",
                      "train_log.jsonl"]
+
+
+def test_an_ensemble_under_two_processes_is_the_one_process_ensemble(runs):
+    """Every process trains every member data-parallel; rank 0 alone writes the members and their average."""
+    one, two = runs / "one_ensemble", runs / "two_ensemble"
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    for j in range(2):
+        m1, m2 = one / f"member{j}", two / f"member{j}"
+        assert [r["step"] for r in _log(m2)] == list(range(1, STEPS + 1))  # one log, written once
+        p1, p2 = load_file(str(m1 / "posterior.safetensors")), load_file(str(m2 / "posterior.safetensors"))
+        for k in p1:
+            assert torch.allclose(p1[k], p2[k], atol=1e-5), (j, k)
+    a, b = (load_file(str(d / "predictions.safetensors")) for d in (one, two))
+    assert torch.equal(a["labels"], b["labels"]) and a["probs"].shape == (11, 2)
+    assert torch.allclose(a["probs"], b["probs"], atol=1e-5)
+    # the members differ (their own seeds), and the ensemble's probabilities are their average
+    member_probs = [load_file(str(two / f"member{j}" / "predictions.safetensors"))["probs"] for j in range(2)]
+    assert not torch.allclose(member_probs[0], member_probs[1], atol=1e-4)
+    assert torch.allclose(b["probs"], (member_probs[0] + member_probs[1]) / 2, atol=1e-6)
+    m1, m2 = json.loads((one / "metrics.json").read_text()), json.loads((two / "metrics.json").read_text())
+    for key in ("accuracy", "ece", "nll", "brier"):
+        assert m2[key] == pytest.approx(m1[key], abs=1e-5), key
+
