@@ -112,6 +112,39 @@ def toy_examples(n: int = 16, num_classes: int = 2, seed: int = 0) -> list[Examp
     return out
 
 
+_ARC_SUBJECTS = ("A student", "A science class", "A farmer", "A group of scientists", "A teacher", "An engineer")
+_ARC_ACTIONS = ("measures the temperature of water in three containers", "plants bean seeds in pots of different soil",
+                "records the mass of a rock sample before and after heating", "observes the phases of the Moon each night",
+                "drops balls of different sizes from the same height", "compares how fast ice melts in sunlight and shade")
+_ARC_OPTIONS = ("the amount of sunlight each plant receives", "gravity", "the size of the container",
+                "a decrease in the air pressure around it", "evaporation", "the type of soil in the pot",
+                "heat energy from the Sun", "the mass of the object stays the same", "friction between the surfaces",
+                "the number of days in the experiment")
+
+
+def arc_like_examples(n: int = 8, seed: int = 0) -> list[Example]:
+    """ARC-Easy-like 4-option science questions for the cloze head: a two-sentence stem and options of one to
+    eight words, so each cloze row ("Question: ...\\nAnswer: option") is about 60 MiniLM WordPiece tokens and an
+    option 1 to 8 of them. The label is random: these time a step, they teach nothing."""
+    g = torch.Generator().manual_seed(seed)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=g))]
+
+    out = []
+    for i in range(n):
+        stem = (f"{pick(_ARC_SUBJECTS)} {pick(_ARC_ACTIONS)} for five days and writes the results in a table. "
+                f"{pick(_ARC_SUBJECTS)} {pick(_ARC_ACTIONS)} in the same way. Which factor most likely explains "
+                f"the difference between the two sets of results?")
+        order = torch.randperm(len(_ARC_OPTIONS), generator=g)[:4].tolist()
+        options = tuple(_ARC_OPTIONS[j] for j in order)
+        label = int(torch.randint(4, (1,), generator=g))
+        prompt = f"Question: {stem}\n" + "\n".join(f"{'ABCD'[k]}. {o}" for k, o in enumerate(options)) + "\nAnswer:"
+        out.append(Example(index=i, prompt=prompt, choices=options, mc_texts=tuple((stem, o) for o in options),
+                           label=label))
+    return out
+
+
 def hide_bitsandbytes(monkeypatch) -> None:
     """Make ``import bitsandbytes`` fail for the rest of the test, as on a machine without it."""
     real = builtins.__import__

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -34,8 +35,9 @@ def _perf(tmp_path, *args, timeout=600):
 def test_gpu_check_script_logic_on_cpu(tmp_path):
     """scripts/gpu_check.sh with DEVICE=cpu: the bf16 tiny-Llama train + evaluate check and the perf sections."""
     env = dict(os.environ, DEVICE="cpu", PYTHON=sys.executable, OUT=str(tmp_path), OMP_NUM_THREADS="1")
+    env.pop("SMOLLM2_GGUF", None)  # check 5 times the random model of SmolLM2's kind
     proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh")], env=env, capture_output=True, text=True,
-                          timeout=400, cwd=REPO)
+                          timeout=460, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     out = proc.stdout
     assert "latent log-density dtype under bf16 autocast: ['torch.float64']" in out
@@ -46,6 +48,31 @@ def test_gpu_check_script_logic_on_cpu(tmp_path):
     assert data["predict"]["sequential_over_mean"] > 1  # four draws cost more than one mean pass
     md = (tmp_path / "perf" / "perf-cpu.md").read_text()
     assert "**Training step**" in md and "**Targets**" in md
+    # check 5: the SmolLM2 cloze experiment's step on a 2-layer random model of the same kind
+    assert "weights: random, a 2-layer model of SmolLM2-135M's kind" in out
+    assert "model: LlamaForCausalLM, 2 layers, hidden 72, 9 heads (3 KV)" in out and "vocab 49152, tied embeddings True" in out
+    assert "LoRA r=8 on q_proj, v_proj" in out
+    assert re.search(r"16 cloze rows of \d+ tokens .*options 1-\d tokens", out)
+    assert re.search(r"train step .*: mle [\d.]+ ms, blob [\d.]+ ms; blob/mle [\d.]+", out)
+    assert re.search(r"blob N=10 sample-batched \d+ ms", out) and "peak memory (peak RSS" in out
+    assert "check 5: ok" in out
+
+
+def test_cloze_step_times_the_weights_smollm2_gguf_names(tmp_path):
+    """benchmarks/cloze_step.py with SMOLLM2_GGUF: it loads that GGUF file (here a tiny random one) and says so."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")
+    from helpers import save_tiny_gguf
+
+    path = save_tiny_gguf(tmp_path / "tiny.gguf")
+    env = dict(os.environ, SMOLLM2_GGUF=str(path), BLOB_PYRO_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1",
+               PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "cloze_step.py"), "--device", "cpu", "--tiny"],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"weights: real, {path} (SMOLLM2_GGUF)" in proc.stdout
+    assert "model: LlamaForCausalLM, 2 layers, hidden 64, 4 heads (2 KV)" in proc.stdout  # the file's, not TINY's
+    assert re.search(r"blob/mle [\d.]+", proc.stdout) and "sample-batched" in proc.stdout
 
 
 @pytest.mark.parametrize("inherited", [None, "/opt/extra-site"])
