@@ -244,4 +244,22 @@ def checkpoint_contexts():
                 variant.values.clear()
                 variant.values.update(values)
 
-    return forward_context(), recompute_context()
+    # the recomputation runs once per backward pass through the block: several when the graph is retained
+    # (the Laplace curvature's one backward pass per option), so its context must enter more than once
+    return forward_context(), _Reenterable(recompute_context)
+
+
+class _Reenterable:
+    """A context manager entered anew (``factory()``) each time, where a generator-based one enters only once."""
+
+    def __init__(self, factory):
+        self._factory = factory
+        self._open: list = []
+
+    def __enter__(self):
+        context = self._factory()
+        self._open.append(context)
+        return context.__enter__()
+
+    def __exit__(self, *exc):
+        return self._open.pop().__exit__(*exc)

@@ -407,3 +407,20 @@ def test_kfac_draws_have_the_inverse_kronecker_covariance_and_std_is_its_diagona
     assert float(err) < 5 * math.sqrt(2 / len(draws))
     off = cov / torch.outer(scale, scale) - torch.eye(len(cov), dtype=torch.float64)
     assert float(off.abs().max()) > 0.1  # the draws are correlated: the test would catch independent ones
+
+
+def test_the_curvature_is_unchanged_by_gradient_checkpointing():
+    from blob_pyro.backbone import enable_gradient_checkpointing
+
+    run = _map_run("kfac", steps=5)
+    point = {k: v.detach() for k, v in run.guide.median().items()}
+    plain, loglik, positions = kfac(run.model, point, run.model.sites, run.train, batch_size=4)
+    diag, _ = ggn(run.model, point, run.model.sites, run.train[:4], hessian="diag")
+    # blocks are recomputed in each of the K backward passes (the checkpoint's replay context enters K times), and
+    # the recomputation calls the KFAC tap again
+    assert enable_gradient_checkpointing(run.model.network) == 2
+    assert torch.allclose(ggn(run.model, point, run.model.sites, run.train[:4], hessian="diag")[0], diag, rtol=1e-6)
+    again, loglik_again, positions_again = kfac(run.model, point, run.model.sites, run.train, batch_size=4)
+    assert positions_again == positions and loglik_again == pytest.approx(loglik)
+    for name, (h, q) in plain.items():
+        assert torch.allclose(h, again[name][0], rtol=1e-6) and torch.allclose(q, again[name][1], rtol=1e-6)
