@@ -286,12 +286,13 @@ def kfac(model, point: dict, sites: list, examples, *, batch_size: int = 8, prog
         H = Σ_{n,c,t} g_nct g_nctᵀ   (d_out, d_out),        Q = (1/M) Σ_{n,t} a_nt a_ntᵀ   (d_in, d_in),
 
     M = Σ_n T_n the number of positions, so GGN_W ≈ H ⊗ Q; exact for one example at one position. Positions whose
-    output gradient is zero for every c (padding: they cannot move the logits) are left out of Q and M, so the fit
-    does not depend on how examples are padded together into a batch (curvlinops counts every position of the
-    padded tensor). The square root is l_c = √p_c (e_c − p) (Σ_c l_c l_cᵀ = Λ exactly: no Monte Carlo labels),
-    and one backward pass per option serves the whole batch, since each position's gradient of Σ_n l_ncᵀ f_n is its
-    own example's. x, h, y and their gradients are read by hooks on the LoRA computation itself
-    (:func:`blob_pyro.lora.tap_layers`), with the factors bound as in :func:`ggn` (no Flipout, no dropout).
+    output gradient is zero for every c are left out of Q and M (curvlinops counts every position of the padded
+    tensor): padding, so the fit does not depend on how examples are padded together into a batch, and positions
+    the logits cannot see (an encoder's non-[CLS] queries in its last layer), which add nothing to the exact block.
+    The square root is l_c = √p_c (e_c − p) (Σ_c l_c l_cᵀ = Λ exactly: no Monte Carlo labels), and one backward
+    pass per option serves the whole batch, since each position's gradient of Σ_n l_ncᵀ f_n is its own example's.
+    x, h, y and their gradients are read by hooks on the LoRA computation itself (:func:`blob_pyro.lora.tap_layers`),
+    with the factors bound as in :func:`ggn` (no Flipout, no dropout).
 
     :param int batch_size: examples per forward pass (its graph is kept for the K backward passes).
     :returns: per site (H, Q) float64, Σ_n log p(y_n | x_n, θ*) (float), and M per LoRA module path.
