@@ -177,8 +177,10 @@ class RunConfig:
     tfb_search_steps: Optional[int] = _f(None, "method=tfb: bisection steps of the sigma search (default 10)")
     tfb_sigma_max: Optional[float] = _f(None, "method=tfb: upper end of the sigma search, tried first (default 0.2, "
                                               "the official --bayes-beta)")
-    laplace_hessian: Optional[str] = _f(None, "method=laplace: the GGN's structure, diag | full (full: at most 8192 "
-                                              "parameters; default diag)", choices=(None, "diag", "full"))
+    laplace_hessian: Optional[str] = _f(None, "method=laplace: the GGN's structure, diag | full | kfac (full: at most "
+                                              "8192 parameters; kfac: H (x) Q per LoRA factor, KFAC-expand over "
+                                              "tokens, batches of batch_size; default diag)",
+                                        choices=(None, "diag", "full", "kfac"))
     laplace_subset: Optional[str] = _f(None, "method=laplace: which LoRA factors, all | last_layer (those of the last "
                                              "LoRA module; default all)", choices=(None, "all", "last_layer"))
     from_run: Optional[str] = _f(None, "method=laplace | tfb: a finished mle or map run folder whose trained point "

@@ -32,6 +32,7 @@ __all__ = [
     "inject_lora",
     "lora_layers",
     "bind_values",
+    "tap_layers",
     "linear_module_names",
     "checkpoint_contexts",
 ]
@@ -44,11 +45,14 @@ class BlobLoraVariant(LoraVariant):
     """LoRA forward ``result + scaling * B(A(dropout(x)))`` with A and/or B taken from a bound draw.
 
     ``values`` maps ``"A"``/``"B"`` to an (r, in) / (out, r) tensor for the duration of one model
-    call; missing factors fall back to the PEFT parameters.
+    call; missing factors fall back to the PEFT parameters. ``tap``, when set (:func:`tap_layers`), is
+    called as ``tap(x, h, y)`` with the two factor applications' tensors: x (..., in) the input of A,
+    h = A x (..., r) the output of A and input of B, y = B h (..., out) the output of B (before the scaling).
     """
 
     def __init__(self):
         self.values: dict[str, torch.Tensor] = {}
+        self.tap = None
 
     @staticmethod
     def init(module, adapter_name, **kwargs):  # PEFT protocol; nothing to add to the layer
@@ -73,8 +77,12 @@ class BlobLoraVariant(LoraVariant):
     def forward(self, module, active_adapter, x, result, **kwargs):
         a = self.values.get("A", module.lora_A[active_adapter].weight)
         b = self.values.get("B", module.lora_B[active_adapter].weight)
-        h = flipout_linear(module.lora_dropout[active_adapter](x), a)
-        return result + flipout_linear(h, b) * module.scaling[active_adapter]
+        x = module.lora_dropout[active_adapter](x)
+        h = flipout_linear(x, a)
+        y = flipout_linear(h, b)
+        if self.tap is not None:
+            self.tap(x, h, y)
+        return result + y * module.scaling[active_adapter]
 
 
 @dataclass(frozen=True)
@@ -169,6 +177,24 @@ def bind_values(sites: list[LoraSite], values: dict[str, torch.Tensor]):
             _BOUND.pop(id(variant), None)
 
 
+@contextlib.contextmanager
+def tap_layers(layers: dict[str, LoraLayer], fn):
+    """Call ``fn(path, x, h, y)`` on every LoRA application of the given layers (``{path: layer}``) while inside.
+
+    x, h, y are the live tensors of :meth:`BlobLoraVariant.forward` (see there), so ``fn`` can register tensor
+    hooks on h and y to see the gradients of the factors' outputs (what KFAC needs; :mod:`blob_pyro.laplace`).
+    A layer run again in backward (gradient checkpointing) calls ``fn`` again; ``fn`` decides what to keep.
+    """
+    variants = [layer.lora_variant[ADAPTER] for layer in layers.values()]
+    try:
+        for path, variant in zip(layers, variants):
+            variant.tap = (lambda x, h, y, _path=path: fn(_path, x, h, y))
+        yield
+    finally:
+        for variant in variants:
+            variant.tap = None
+
+
 def checkpoint_contexts():
     """``context_fn`` for ``torch.utils.checkpoint`` (non-reentrant) around blocks that hold LoRA layers.
 
@@ -218,4 +244,22 @@ def checkpoint_contexts():
                 variant.values.clear()
                 variant.values.update(values)
 
-    return forward_context(), recompute_context()
+    # the recomputation runs once per backward pass through the block: several when the graph is retained
+    # (the Laplace curvature's one backward pass per option), so its context must enter more than once
+    return forward_context(), _Reenterable(recompute_context)
+
+
+class _Reenterable:
+    """A context manager entered anew (``factory()``) each time, where a generator-based one enters only once."""
+
+    def __init__(self, factory):
+        self._factory = factory
+        self._open: list = []
+
+    def __enter__(self):
+        context = self._factory()
+        self._open.append(context)
+        return context.__enter__()
+
+    def __exit__(self, *exc):
+        return self._open.pop().__exit__(*exc)

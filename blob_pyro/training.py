@@ -282,7 +282,7 @@ def post_fit(run: Run) -> None:
         if run.train is None:
             raise ConfigError("method=laplace fits its posterior on the training split; build the run with its data")
         result = fit_laplace(run.model, run.guide, run.train, hessian=run.config.laplace_hessian,
-                             subset=run.config.laplace_subset)
+                             subset=run.config.laplace_subset, batch_size=run.config.fit.batch_size)
         run.guide, run.laplace = result.guide, result.info
         return
     if run.config.method != "temperature":

@@ -59,3 +59,37 @@ def test_laplace_on_arc_easy_last_layer(tmp_path):
     record = json.loads((out / LAPLACE_FILE).read_text())
     assert record["subset"] == "last_layer" and len(record["sites"]) == 2 and record["num_examples"] == 16
     assert load_run(out, data_dir=str(ARC.parent)).guide.laplace_names == record["sites"]
+
+
+def test_laplace_kfac_on_minilm_gives_a_positive_definite_posterior_that_moves_the_predictions(tmp_path):
+    data = data_folder(tmp_path)
+    out = tmp_path / "run"
+    assert main(["train", "--model", "minilm", "--dataset", "winogrande_s", "--data-dir", str(data),
+                 "--max-length", "32", "--batch-size", "4", "--max-steps", "3", "--lr", "0.05", "--seed", "1",
+                 "--method", "laplace", "--laplace-hessian", "kfac", "--num-samples", "3", "--output-dir", str(out),
+                 "--quiet"]) == 0
+    record = json.loads((out / LAPLACE_FILE).read_text())
+    assert (record["hessian"], record["num_examples"]) == ("kfac", 8)
+    assert record["prior_precision"] > 0 and record["marglik"] >= record["marglik_at_map_prior"]
+    assert record["seconds"] > 0 and ("peak_rss_mb" in record or "peak_gpu_memory_mb" in record)
+    positions = record["kfac"]["positions"]
+    assert record["kfac"]["approximation"] == "expand" and len(positions) == len(record["sites"]) // 2
+    assert all(m > 0 for m in positions.values())
+    run = load_run(out, data_dir=str(data))
+    guide = run.guide
+    assert isinstance(guide, LaplaceGuide) and guide.hessian == "kfac"
+    delta = float(guide.prior_precision)
+    assert delta == pytest.approx(record["prior_precision"])
+    for name in guide.laplace_names:  # P = H ⊗ Q + δI: eigenvalues λ_i μ_j + δ, all >= δ > 0
+        h_values, h_vectors, q_values, q_vectors = guide.kfac_parts(name)
+        assert (h_values >= 0).all() and (q_values >= 0).all()
+        assert torch.allclose(h_vectors.T @ h_vectors, torch.eye(len(h_values), dtype=torch.float64), atol=1e-8)
+        assert torch.allclose(q_vectors.T @ q_vectors, torch.eye(len(q_values), dtype=torch.float64), atol=1e-8)
+    assert any(float(guide.kfac_parts(n)[0].max()) > 0 for n in guide.laplace_names)  # curvature was measured
+    at_map = predict(run.model, guide, run.eval, num_samples=0, progress=False).probs
+    torch.manual_seed(0)
+    drawn = predict(run.model, guide, run.eval, num_samples=3, progress=False).probs
+    assert not torch.allclose(at_map, drawn, atol=1e-5)
+    metrics = json.loads((out / "metrics.json").read_text())
+    torch.manual_seed(0)
+    assert evaluate(run, progress=False)["num_samples"] == metrics["num_samples"] == 3

@@ -409,7 +409,7 @@ def test_ppc_without_the_workflow_extra_is_one_line(monkeypatch, capsys, tmp_pat
                                                                     "(2 examples)"),
     (["--method", "laplace", "--guide", "blob"], "method=laplace implies guide=auto_delta; got guide=blob"),
     (["--method", "laplace", "--prior", "laplace"], "method=laplace implies prior=normal; got prior=laplace"),
-    (["--method", "laplace", "--laplace-hessian", "kfac"], "invalid choice: 'kfac'"),
+    (["--method", "laplace", "--laplace-hessian", "block"], "invalid choice: 'block'"),
     (["--method", "map", "--laplace-subset", "last_layer"], "laplace_subset is a setting of method=laplace"),
 ])
 def test_bad_ensemble_and_temperature_settings_write_nothing(tmp_path, capsys, extra, needle):
