@@ -36,13 +36,19 @@ def test_cpu_protocol_is_the_issue_grid(tmp_path):
 def test_main_protocol_is_one_budget_in_the_over_fitting_regime(tmp_path):
     grid = load_grid(Path(CONFIGS[0]).parent / "main_cpu.json", data_dir=str(tmp_path))
     assert [e.name for e in grid.entries] == ["mle", "map", "mcdropout", "ensemble", "bbb", "blob", "temperature",
-                                              "laplace", "tfb"]
+                                              "laplace", "tfb", "blob_klstd"]
     assert grid.datasets == ["arc_easy", "arc_challenge", "openbookqa", "winogrande_s"] and grid.seeds == [1, 2, 3]
     configs = [cfg for cell in cells_of(grid) for cfg in cell.member_configs(grid.base)]
     assert {(c.fit.max_steps, c.fit.batch_size, c.train_limit, c.fit.lr, c.holdout) for c in configs} == {
         (300, 8, 400, 2e-3, None)}  # one budget for every row; evaluated on dev, not on a held-out slice
     blob = next(e for e in grid.entries if e.name == "blob")
     assert blob.predict == {"blob": None, "blob_mean": 0}  # BLoB N=10 and N=0 from one run
+    # the post-hoc rows start from the mle cells (no second training), Laplace with KFAC as Laplace-LoRA
+    by_name = {e.name: e for e in grid.entries}
+    assert by_name["laplace"].source == by_name["tfb"].source == "mle"
+    assert by_name["laplace"].overrides == {"laplace_hessian": "kfac"}
+    cell = next(c for c in cells_of(grid) if c.entry.name == "laplace")
+    assert cell.member_configs(grid.base)[0].from_run == str(cell.dir.parent.parent / "mle" / cell.dir.name)
 
 
 def test_main_ood_grid_reuses_the_main_grids_openbookqa_runs(tmp_path):
