@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .errors import ConfigError
-from .guides import GUIDES
+from .guides import DEFAULT_EPS, GUIDES
 from .heads import HEADS
 from .kl import KL_SCHEDULES
 from .methods import FROM_RUN_SOURCES, METHODS, PRESETS, apply_method
@@ -73,8 +73,8 @@ class BayesConfig:
     prior_df: float = _f(3.0, "Student-t degrees of freedom")
     guide: Optional[str] = _f(None, "variational family (default blob)", choices=GUIDES, unset="blob")
     guide_rank: int = _f(2, "rank k of the lowrank guide")
-    eps: Optional[float] = _f(None, "BLoB's eps: rho ~ U(eps/sqrt2, eps), initial std = rho^2 (default 0.05)",
-                              unset=0.05)
+    eps: Optional[float] = _f(None, f"BLoB's eps: rho ~ U(eps/sqrt2, eps), initial std = rho^2 (default {DEFAULT_EPS}; "
+                                    f"the paper's 0.05 with preset=paper)", unset=DEFAULT_EPS)
     std_param: str = _f("square", "std parameterisation: square (rho^2) | softplus", choices=("square", "softplus"))
     flipout: bool = _f(True, "Flipout in training and prediction (off: one weight draw per batch)")
     flipout_per: str = _f("token", "token (the paper) | sequence", choices=("token", "sequence"))

@@ -27,7 +27,13 @@ from pyro.infer.autoguide.utils import deep_setattr
 from pyro.nn import PyroModule, PyroParam
 from torch.distributions.transforms import ReshapeTransform
 
-__all__ = ["BlobGuide", "make_guide", "GUIDES", "guide_std"]
+__all__ = ["BlobGuide", "make_guide", "GUIDES", "DEFAULT_EPS", "guide_std"]
+
+DEFAULT_EPS = 0.2
+"""BLoB's ε when none is given: initial stds in [0.02, 0.04]. The paper's 0.05 (``preset=paper``) starts them at
+[1.25e-3, 2.5e-3]; under the AdamW step the std parameter moves by about ``lr`` per step whatever its gradient's
+size, so in a run of a few hundred steps the posterior width stays close to where ε starts it, and at 0.05 it is
+too narrow to matter (docs/methods.md, "Which recipe calibrates")."""
 
 # Floor on the low-rank guide's diagonal std s: the Woodbury terms scale like 1/s² and 1/s³ and overflow
 # float32 in backward as s nears 1e-18, and below ~1e-19 s² leaves float32's normal range (the capacitance
@@ -61,7 +67,8 @@ class BlobGuide(AutoGuide):
     (out, r)), :math:`q(F) = \mathcal N(M, \Sigma)` with mean ``loc`` = M and std
     :math:`\Sigma = \rho^2` element-wise (``std_param="square"``, the paper's G²) or
     :math:`\mathrm{softplus}(\rho)`. ``rho`` starts at U(eps/√2, eps), so the initial std lies in
-    [eps²/2, eps²] = [1.25e-3, 2.5e-3] for eps = 0.05 (softplus: rho is set so the std starts in
+    [eps²/2, eps²] = [0.02, 0.04] for the default eps = 0.2 ([1.25e-3, 2.5e-3] for the paper's 0.05; softplus: rho
+    is set so the std starts in
     the same range).
 
     **Why the posterior over the full weight is low-rank.** The adapted weight is
@@ -97,7 +104,7 @@ class BlobGuide(AutoGuide):
         self,
         model,
         *,
-        eps: float = 0.05,
+        eps: float = DEFAULT_EPS,
         std_param: str = "square",
         covariance: str = "diagonal",
         rank: int = 2,
@@ -251,7 +258,7 @@ GUIDES = ("blob", "lowrank", "auto_normal", "auto_delta")
 """Guide names :func:`make_guide` knows; any ``callable(model) -> guide`` works too."""
 
 
-def make_guide(guide="blob", model=None, *, eps: float = 0.05, std_param: str = "square", rank: int = 2):
+def make_guide(guide="blob", model=None, *, eps: float = DEFAULT_EPS, std_param: str = "square", rank: int = 2):
     """Build a guide for ``model`` from a name in :data:`GUIDES` or a builder ``callable(model)``.
 
     ``auto_normal`` starts its scales at eps² (BLoB's initial std scale) rather than Pyro's 0.1,

@@ -81,7 +81,8 @@ run may have been trained with: a point estimate of the LoRA factors without dro
 PRESETS = {
     "paper": Method("paper", "the official optimisation: Bayesian A, BLoB guide and KL re-weighting, AdamW on the "
                              "NLL then SGD on the closed-form weighted KL (a prior with a closed-form KL to a Normal)",
-                    requires={"bayesian_factor": "A", "guide": "blob", "kl_schedule": "blob", "objective": "paper"}),
+                    requires={"bayesian_factor": "A", "guide": "blob", "kl_schedule": "blob", "objective": "paper"},
+                    defaults={"eps": 0.05}),
 }
 
 

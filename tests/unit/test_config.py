@@ -119,13 +119,16 @@ def test_resolve_fills_what_is_not_set_and_is_idempotent():
     assert (cfg.bayes.guide, cfg.fit.objective, cfg.predict.num_samples) == (None, None, None)
     resolved = cfg.resolve()
     assert resolved is not cfg and cfg.bayes.guide is None  # resolve returns a new config
-    expected = {"bayesian_factor": "B", "prior": "normal", "guide": "blob", "eps": 0.05, "objective": "elbo",
+    expected = {"bayesian_factor": "B", "prior": "normal", "guide": "blob", "eps": 0.2, "objective": "elbo",
                 "kl_schedule": "blob", "kl_multiplier": 1.0, "num_samples": 10, "lora_dropout": 0.0}
     assert {k: resolved.get(k) for k in expected} == expected
     for name, (_, f, _) in RunConfig.fields().items():
         if "unset" in f.metadata:
             assert resolved.get(name) is not None, name
     assert resolved.resolve() == resolved
+    # the paper preset keeps the official eps; an explicit eps wins over either default
+    assert RunConfig.from_dict({"preset": "paper"}).resolve().bayes.eps == 0.05
+    assert RunConfig.from_dict({"preset": "paper", "eps": 0.1}).resolve().bayes.eps == 0.1
 
 
 @pytest.mark.parametrize("method", list(METHODS))

@@ -125,7 +125,7 @@ def test_logged_kl_is_the_kl_before_the_optimiser_step():
 
 def test_trace_meanfield_elbo_uses_the_closed_form_kl():
     model = tiny_model("B")
-    guide = make_guide("blob", model)
+    guide = make_guide("blob", model, eps=0.05)  # stds ~2e-3: the two draws below nearly agree
     batch = model.head.collate(tiny_examples(1))
     loss = TraceMeanField_ELBO().loss(model, guide, batch)
     guide_trace = poutine.trace(guide).get_trace(batch)

@@ -38,7 +38,7 @@ def test_zero_weight_removes_the_kl_term():
     from pyro.infer import Trace_ELBO
 
     model = tiny_model("B")
-    guide = make_guide("blob", model)
+    guide = make_guide("blob", model, eps=0.05)  # stds ~2e-3: the two draws below nearly agree
     batch = model.head.collate(tiny_examples(4))
     with scale_latents(0.0):
         loss = Trace_ELBO().loss(model, guide, batch)
