@@ -183,14 +183,13 @@ def from_run_config(settings: dict) -> RunConfig:
     a post-hoc step, an unfinished or foreign source, a source of a method the post-hoc one cannot start from
     (:data:`~blob_pyro.methods.FROM_RUN_SOURCES`), a training setting that differs from the source's.
     """
-    from .methods import FROM_RUN_SOURCES, OWN_SETTINGS
+    from .methods import OWN_SETTINGS
 
-    method = settings.get("method")
-    if method not in FROM_RUN_SOURCES or not settings.get("from_run"):
-        what = f"method={method} trains its own (drop from_run)" if method not in FROM_RUN_SOURCES else "from_run is empty"
-        raise ConfigError(f"from_run applies a post-hoc method ({', '.join(FROM_RUN_SOURCES)}) to a finished run; {what}")
-    source = read_run_config(settings["from_run"])
-    implied = _implied(source.method, method)
+    given = RunConfig.from_dict(settings).validate()  # refuses from_run with a method that trains its own
+    if given.from_run is None:
+        raise ConfigError("from_run_config needs from_run, the finished run folder to start from")
+    source = read_run_config(given.from_run)
+    implied = _implied(source.method, given.method)
     data = {k: v for k, v in source.flat_dict().items() if k not in implied and k not in OWN_SETTINGS}
     data.update(settings)
     cfg = RunConfig.from_dict(data).resolve()

@@ -293,11 +293,16 @@ def test_kfac_is_the_exact_ggn_block_for_one_example_at_one_position():
         start += size
 
 
-def test_kfac_expand_over_tokens_matches_the_hand_computation_whatever_the_batch_size():
+def _one_lora_layer(base: torch.nn.Module, head, num_data: int):
+    """(network, model, point): ``base``'s ``proj`` with LoRA r=2 (scaling 2) on both factors, and a random point."""
     torch.manual_seed(0)
-    net = inject_lora(_Linear(), ["proj"], r=2, lora_alpha=4.0)
-    model = BlobModel(net, TinyHead(3), bayesian_factor="both", num_data=12, flipout=None)
-    point = {"proj.lora_A": 0.3 * torch.randn(2, IN), "proj.lora_B": 0.4 * torch.randn(3, 2)}
+    net = inject_lora(base, ["proj"], r=2, lora_alpha=4.0)
+    model = BlobModel(net, head, bayesian_factor="both", num_data=num_data, flipout=None)
+    return net, model, {"proj.lora_A": 0.3 * torch.randn(2, IN), "proj.lora_B": 0.4 * torch.randn(3, 2)}
+
+
+def test_kfac_expand_over_tokens_matches_the_hand_computation_whatever_the_batch_size():
+    net, model, point = _one_lora_layer(_Linear(), TinyHead(3), 12)
     examples = tiny_examples(12, num_classes=3, seed=2)
     factors, loglik, positions = kfac(model, point, model.sites, examples, batch_size=5)
     # by hand: f = mean_t (W0 x_t + s B A x_t); the output gradient of direction l_c at token t is s l_c / T for B
@@ -317,8 +322,14 @@ def test_kfac_expand_over_tokens_matches_the_hand_computation_whatever_the_batch
     assert torch.allclose(factors["proj.lora_B"][1], a @ tokens.T @ tokens @ a.T / (n * t), rtol=1e-5)
     one_by_one, loglik_1, _ = kfac(model, point, model.sites, examples, batch_size=1)
     assert loglik == pytest.approx(loglik_1)
+    _assert_same_factors(factors, one_by_one)
+
+
+def _assert_same_factors(factors: dict, others: dict) -> None:
+    """Two KFAC results hold the same (H, Q) for every site, to float round-off."""
+    assert factors.keys() == others.keys()
     for name, (h, q) in factors.items():
-        assert torch.allclose(h, one_by_one[name][0], rtol=1e-5) and torch.allclose(q, one_by_one[name][1], rtol=1e-5)
+        assert torch.allclose(h, others[name][0], rtol=1e-5) and torch.allclose(q, others[name][1], rtol=1e-5)
 
 
 class _Masked(torch.nn.Module):
@@ -353,16 +364,12 @@ class _PaddedHead(TinyHead):
 
 
 def test_kfac_leaves_padded_positions_out():
-    torch.manual_seed(0)
-    net = inject_lora(_Masked(), ["proj"], r=2, lora_alpha=4.0)
-    model = BlobModel(net, _PaddedHead(3), bayesian_factor="both", num_data=9, flipout=None)
-    point = {"proj.lora_A": 0.3 * torch.randn(2, IN), "proj.lora_B": 0.4 * torch.randn(3, 2)}
+    _, model, point = _one_lora_layer(_Masked(), _PaddedHead(3), 9)
     examples = tiny_examples(9, num_classes=3, seed=4)
     padded, _, positions = kfac(model, point, model.sites, examples, batch_size=9)
     alone, _, positions_alone = kfac(model, point, model.sites, examples, batch_size=1)  # no padding
     assert positions == positions_alone == {"proj": sum(1 + i % 3 for i in range(9))}
-    for name, (h, q) in padded.items():
-        assert torch.allclose(h, alone[name][0], rtol=1e-5) and torch.allclose(q, alone[name][1], rtol=1e-5)
+    _assert_same_factors(padded, alone)
 
 
 def test_the_kronecker_marglik_and_log_det_are_the_dense_ones_and_delta_maximises_it():
