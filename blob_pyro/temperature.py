@@ -15,6 +15,8 @@ held-out examples and their NLL at T = 1 and at T, and :func:`blob_pyro.training
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .errors import ConfigError
@@ -50,17 +52,28 @@ def calibration_split(data, fraction: float, seed: int):
 
 
 def nll_at(logits: torch.Tensor, labels: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
-    """Mean NLL of ``labels`` (N,) under softmax(``logits`` (N, K) / T), in float64."""
-    return torch.nn.functional.cross_entropy(logits.double() / temperature, labels)
+    """Mean NLL of ``labels`` (N,) under softmax(``logits`` (N, K) / T), in float64.
+
+    A −∞ logit is an absent option (a question with fewer than K): it stays −∞ at every T and passes no
+    gradient to T (dividing it would give ∞ · 0 = NaN in the backward pass).
+    """
+    logits = logits.double()
+    absent = logits == float("-inf")
+    scaled = logits.masked_fill(absent, 0.0) / temperature
+    return torch.nn.functional.cross_entropy(scaled.masked_fill(absent, float("-inf")), labels)
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, *, max_iter: int = 100) -> float:
     """The T > 0 minimising the mean NLL of softmax(logits / T): LBFGS on log T from T = 1, in float64.
 
-    The NLL is convex in 1/T, so the minimiser is unique when it is finite; should LBFGS end anywhere worse
-    than T = 1 (it cannot on a convex 1-D problem, but a non-finite logit could), T = 1 is kept.
+    The NLL is convex in 1/T, so the minimiser is unique when it is finite. ``logits`` may hold −∞ for absent
+    options (:func:`nll_at`); NaN or +∞ is refused (ValueError), and so is a search that ends worse than T = 1,
+    which a convex 1-D problem cannot do: a T silently left at 1 would report MLE's calibration as temperature
+    scaling's.
     """
     logits, labels = logits.detach().double().cpu(), labels.detach().long().cpu()
+    if torch.isnan(logits).any() or (logits == float("inf")).any():
+        raise ValueError("temperature scaling needs finite logits (-inf only for absent options); got NaN or +inf")
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([log_t], lr=1.0, max_iter=max_iter, tolerance_grad=1e-12, tolerance_change=1e-14,
                             line_search_fn="strong_wolfe")
@@ -73,8 +86,9 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, *, max_iter: int
 
     opt.step(closure)
     t = float(log_t.detach().exp())
-    if not (t > 0 and torch.isfinite(torch.tensor(t))) or nll_at(logits, labels, t) > nll_at(logits, labels, 1.0):
-        return 1.0
+    if not (t > 0 and math.isfinite(t)) or nll_at(logits, labels, t) > nll_at(logits, labels, 1.0):
+        raise ValueError(f"the temperature search ended at T={t}, not below the NLL at T=1; the logits are "
+                         f"degenerate")
     return t
 
 

@@ -59,6 +59,25 @@ def test_fit_temperature_never_ends_worse_than_one():
     assert t > 0 and nll_at(logits, labels, t) <= nll_at(logits, labels, 1.0) + 1e-12
 
 
+def test_absent_options_do_not_stop_the_fit():
+    # ARC-style logits: the fifth slot is -inf for 4-option questions; it must not turn T's gradient into NaN
+    g = torch.Generator().manual_seed(1)
+    z = 2.0 * torch.randn(2000, 4, generator=g)
+    labels = torch.distributions.Categorical(logits=z).sample()
+    padded = torch.cat([3.0 * z, torch.full((2000, 1), float("-inf"))], dim=1)
+    t = fit_temperature(padded, labels)
+    assert t == pytest.approx(fit_temperature(3.0 * z, labels), rel=1e-6)
+    assert t == pytest.approx(3.0, rel=0.1)
+    assert nll_at(padded, labels, t) == pytest.approx(nll_at(3.0 * z, labels, t).item(), rel=1e-12)
+
+
+def test_nan_or_positive_infinite_logits_are_refused():
+    labels = torch.tensor([0, 1])
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite logits"):
+            fit_temperature(torch.tensor([[1.0, bad], [0.0, 1.0]]), labels)
+
+
 def test_method_temperature_resolves_to_mle_plus_a_held_out_share():
     cfg = RunConfig.from_dict({"method": "temperature"}).resolve()
     assert (cfg.bayes.guide, cfg.fit.kl_schedule, cfg.fit.kl_multiplier, cfg.predict.num_samples) == \
