@@ -183,6 +183,10 @@ class RunConfig:
                                         choices=(None, "diag", "full", "kfac"))
     laplace_subset: Optional[str] = _f(None, "method=laplace: which LoRA factors, all | last_layer (those of the last "
                                              "LoRA module; default all)", choices=(None, "all", "last_layer"))
+    laplace_predictive: Optional[str] = _f(None, "method=laplace: how it predicts, glm (the network linearised at the "
+                                                 "MAP: num_samples draws of the logits from N(f, J Sigma J^T), as "
+                                                 "Laplace-LoRA) | sample (the network run on num_samples weight "
+                                                 "draws); default glm", choices=(None, "glm", "sample"))
     from_run: Optional[str] = _f(None, "method=laplace | tfb: a finished mle or map run folder whose trained point "
                                        "the post-hoc step starts from instead of training; the training settings "
                                        "are that run's")

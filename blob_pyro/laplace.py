@@ -43,11 +43,15 @@ import torch
 
 from .errors import ConfigError, RunError
 
-__all__ = ["LaplaceGuide", "LaplaceFit", "HESSIANS", "SUBSETS", "LAPLACE_FILE", "FULL_MAX_PARAMETERS",
-           "laplace_sites", "ggn", "kfac", "kfac_eigen", "log_marglik", "tune_prior_precision", "fit_laplace"]
+__all__ = ["LaplaceGuide", "LaplaceFit", "HESSIANS", "SUBSETS", "PREDICTIVES", "LAPLACE_FILE", "FULL_MAX_PARAMETERS",
+           "laplace_sites", "example_jacobian", "ggn", "kfac", "kfac_eigen", "log_marglik", "tune_prior_precision",
+           "fit_laplace"]
 
 HESSIANS = ("diag", "full", "kfac")
 SUBSETS = ("all", "last_layer")
+PREDICTIVES = ("glm", "sample")
+"""How a :class:`LaplaceGuide` predicts: ``"glm"``, the network linearised at θ* (:mod:`blob_pyro.laplace_glm`), or
+``"sample"``, the network run on weight draws from the guide (:func:`blob_pyro.predictive.posterior_logits`)."""
 LAPLACE_FILE = "laplace.json"
 FULL_MAX_PARAMETERS = 8192
 """Largest number of Laplace parameters for ``hessian="full"`` (a D×D float64 matrix: 512 MiB at this D)."""
@@ -98,14 +102,19 @@ class LaplaceGuide(torch.nn.Module):
         (h_values, h_vectors, q_values, q_vectors)} (:func:`kfac_eigen`); None: zeros (to load into).
     :param str hessian: ``"diag"``, ``"full"`` or ``"kfac"``.
     :param str subset: ``"all"`` or ``"last_layer"``.
+    :param str predictive: ``"glm"`` or ``"sample"`` (:data:`PREDICTIVES`): what
+        :func:`~blob_pyro.predictive.posterior_logits` does with this guide; not part of the state (config.json
+        and laplace.json hold it).
     """
 
     def __init__(self, model, loc: dict, precision=None, *, hessian: str = "diag", subset: str = "all",
-                 prior_precision: float = 1.0):
+                 prior_precision: float = 1.0, predictive: str = "glm"):
         super().__init__()
         if hessian not in HESSIANS:
             raise ConfigError(f"laplace_hessian must be one of {', '.join(HESSIANS)}; got {hessian!r}")
-        self.hessian, self.subset = hessian, subset
+        if predictive not in PREDICTIVES:
+            raise ConfigError(f"laplace_predictive must be one of {', '.join(PREDICTIVES)}; got {predictive!r}")
+        self.hessian, self.subset, self.predictive = hessian, subset, predictive
         self.site_names = [s.name for s in model.sites]
         self.laplace_names = [s.name for s in laplace_sites(model, subset)]
         self.shapes = {s.name: tuple(s.shape) for s in model.sites}
@@ -214,10 +223,32 @@ class LaplaceGuide(torch.nn.Module):
 
     def describe(self) -> str:
         return (f"Laplace N(MAP, (GGN + delta I)^-1), hessian={self.hessian}, subset={self.subset}, "
-                f"delta={float(self.prior_precision):.4g}")
+                f"delta={float(self.prior_precision):.4g}, predictive={self.predictive}")
 
 
 # ---- curvature ------------------------------------------------------------------------------
+def example_jacobian(model, point: dict, names: list, batch: dict) -> tuple[torch.Tensor, list, torch.Tensor]:
+    """(logits (K,), present options, J (K, D) float64) of the one example in ``batch`` at ``point``.
+
+    One forward pass with the factors ``point`` bound to their layers (``names``, the Laplace sites, are the ones
+    differentiated; no Flipout), then one backward pass per present option k for J's row k = ∂f_k/∂θ over
+    ``names`` flattened in order. Absent options (logit −inf) keep a zero row. The caller sets eval mode.
+    """
+    from .lora import bind_values
+
+    theta = {n: point[n].detach().clone().requires_grad_(True) for n in names}
+    with torch.enable_grad(), bind_values(model.sites, {**point, **theta}):
+        logits = model.head.logits(model.network, batch)[0]  # (K,)
+        present = torch.isfinite(logits).nonzero().reshape(-1).tolist()
+        size = sum(t.numel() for t in theta.values())
+        jac = torch.zeros(logits.shape[0], size, dtype=torch.float64, device=logits.device)
+        for k in present:
+            grads = torch.autograd.grad(logits[k], [theta[n] for n in names], retain_graph=True, allow_unused=True)
+            jac[k] = torch.cat([(g if g is not None else torch.zeros_like(theta[n])).reshape(-1)
+                                for g, n in zip(grads, names)])
+    return logits.detach(), present, jac
+
+
 def ggn(model, point: dict, sites: list, examples, *, hessian: str = "diag", progress: bool = False):
     """(GGN, log-likelihood) of the Categorical likelihood at ``point`` over ``examples``, exactly.
 
@@ -228,8 +259,6 @@ def ggn(model, point: dict, sites: list, examples, *, hessian: str = "diag", pro
     :returns: GGN (``"diag"``: (D,) float64; ``"full"``: (D, D)) over ``sites`` flattened in order, and
         Σ_n log p(y_n | x_n, θ*) (float).
     """
-    from .lora import bind_values
-
     examples = list(getattr(examples, "examples", examples))
     names = [s.name for s in sites]
     size = sum(point[n].numel() for n in names)
@@ -246,18 +275,9 @@ def ggn(model, point: dict, sites: list, examples, *, hessian: str = "diag", pro
     try:
         for example in examples:
             batch = model.head.collate([example], device)
-            theta = {n: point[n].detach().clone().requires_grad_(True) for n in names}
-            with torch.enable_grad(), bind_values(model.sites, {**point, **theta}):
-                logits = model.head.logits(model.network, batch)[0]  # (K,)
-                present = torch.isfinite(logits).nonzero().reshape(-1).tolist()
-                rows = []
-                for k in present:
-                    grads = torch.autograd.grad(logits[k], [theta[n] for n in names], retain_graph=True,
-                                                allow_unused=True)
-                    rows.append(torch.cat([(g if g is not None else torch.zeros_like(theta[n])).reshape(-1)
-                                           for g, n in zip(grads, names)]))
-            jac = torch.stack(rows).double()  # (K', D)
-            logp = torch.log_softmax(logits.detach().double()[present], dim=-1)
+            logits, present, jac = example_jacobian(model, point, names, batch)
+            jac = jac[present]  # (K', D)
+            logp = torch.log_softmax(logits.double()[present], dim=-1)
             p = logp.exp()
             lam = torch.diag(p) - torch.outer(p, p)
             loglik += float(logp[present.index(int(batch["labels"][0]))])
@@ -450,13 +470,14 @@ def _peak_memory(device: torch.device) -> dict:
 
 
 def fit_laplace(model, guide, data, *, hessian: str = "diag", subset: str = "all", batch_size: int = 8,
-                progress: bool = False) -> LaplaceFit:
+                predictive: str = "glm", progress: bool = False) -> LaplaceFit:
     """Fit the Laplace posterior around ``guide``'s MAP point on ``data`` (the training split).
 
     ``guide`` must be a point estimate (AutoDelta, as ``method=map`` trains): RunError otherwise. The prior
     precision starts at the model's prior (1/prior_scale², reported as ``marglik_at_map_prior``) and is tuned by
     :func:`tune_prior_precision`. ``batch_size``: examples per pass of ``"kfac"`` (``"diag"``/``"full"`` need
-    per-example Jacobians and go one at a time). Returns the :class:`LaplaceGuide` and a JSON-able record.
+    per-example Jacobians and go one at a time). ``predictive``: how the guide predicts (:data:`PREDICTIVES`).
+    Returns the :class:`LaplaceGuide` and a JSON-able record.
     """
     from pyro.infer.autoguide import AutoDelta
 
@@ -465,6 +486,8 @@ def fit_laplace(model, guide, data, *, hessian: str = "diag", subset: str = "all
                        f"got a {type(guide).__name__} guide")
     if hessian not in HESSIANS:
         raise ConfigError(f"laplace_hessian must be one of {', '.join(HESSIANS)}; got {hessian!r}")
+    if predictive not in PREDICTIVES:
+        raise ConfigError(f"laplace_predictive must be one of {', '.join(PREDICTIVES)}; got {predictive!r}")
     sites = laplace_sites(model, subset)
     size = sum(math.prod(s.shape) for s in sites)
     if hessian == "full" and size > FULL_MAX_PARAMETERS:
@@ -499,9 +522,11 @@ def fit_laplace(model, guide, data, *, hessian: str = "diag", subset: str = "all
         precision = curvature
     else:
         precision = curvature + prior_precision * torch.eye(size, dtype=torch.float64, device=device)
-    lap = LaplaceGuide(model, point, precision, hessian=hessian, subset=subset, prior_precision=prior_precision)
+    lap = LaplaceGuide(model, point, precision, hessian=hessian, subset=subset, prior_precision=prior_precision,
+                       predictive=predictive)
     gamma = float((eigenvalues.clamp_min(0) / (eigenvalues.clamp_min(0) + prior_precision)).sum())
-    info = {"hessian": hessian, "subset": subset, "sites": [s.name for s in sites], "num_parameters": size,
+    info = {"hessian": hessian, "subset": subset, "predictive": predictive, "sites": [s.name for s in sites],
+            "num_parameters": size,
             "num_examples": len(list(getattr(data, "examples", data))), "log_likelihood": loglik,
             "prior_precision": prior_precision, "marglik": log_marglik(prior_precision, eigenvalues, sq_norm, loglik),
             "map_prior_precision": map_prior,
@@ -515,7 +540,7 @@ def fit_laplace(model, guide, data, *, hessian: str = "diag", subset: str = "all
     return LaplaceFit(lap, info)
 
 
-def placeholder_guide(model, *, hessian: str, subset: str) -> LaplaceGuide:
+def placeholder_guide(model, *, hessian: str, subset: str, predictive: str = "glm") -> LaplaceGuide:
     """A :class:`LaplaceGuide` of the right shapes (zeros) for ``load_state_dict`` of a saved one."""
     loc = {s.name: torch.zeros(s.shape, device=s.device) for s in model.sites}
-    return LaplaceGuide(model, loc, None, hessian=hessian, subset=subset)
+    return LaplaceGuide(model, loc, None, hessian=hessian, subset=subset, predictive=predictive)

@@ -65,12 +65,13 @@ METHODS = {
                                  "factors, delta tuned by the marginal likelihood (blob_pyro.laplace)",
                       requires={"guide": "auto_delta", "bayesian_factor": "both", "kl_schedule": "standard",
                                 "prior": "normal"},
-                      defaults={"num_samples": 10, "laplace_hessian": "diag", "laplace_subset": "all"}),
+                      defaults={"num_samples": 10, "laplace_hessian": "diag", "laplace_subset": "all",
+                                "laplace_predictive": "glm"}),
 }
 
 OWN_SETTINGS = {"ensemble_size": "ensemble", "calibration_fraction": "temperature", "tfb_threshold": "tfb",
                 "tfb_anchor_size": "tfb", "tfb_search_steps": "tfb", "tfb_sigma_max": "tfb", "laplace_hessian": "laplace",
-                "laplace_subset": "laplace"}
+                "laplace_subset": "laplace", "laplace_predictive": "laplace"}
 """Settings that only one method reads: given with another method they are refused rather than ignored."""
 
 FROM_RUN_SOURCES = {"laplace": ("mle", "map"), "tfb": ("mle", "map")}

@@ -53,12 +53,18 @@ def posterior_logits(model, guide, batch, *, num_samples: int = 10, sample_batch
                      use_flipout: bool = True) -> torch.Tensor:
     """(S, B, K) logits of S posterior draws for one batch; S=0 gives (1, B, K) at the posterior mean.
 
-    Flipout as ``model.flipout`` says, unless ``use_flipout=False`` (one weight draw for the whole batch).
+    Flipout as ``model.flipout`` says, unless ``use_flipout=False`` (one weight draw for the whole batch). A guide
+    that predicts in logit space (a Laplace guide with ``predictive == "glm"``) draws the S logits from its
+    linearised network instead (:func:`blob_pyro.laplace_glm.glm_logits`).
     """
     if num_samples < 0:
         raise ValueError(f"num_samples must be >= 0, got {num_samples}")
     if num_samples == 0:
         return _model_logits(model, batch, condition=guide.median(batch)).unsqueeze(0)
+    if getattr(guide, "predictive", None) == "glm":
+        from .laplace_glm import glm_logits
+
+        return glm_logits(model, guide, batch, num_samples=num_samples)
     per = getattr(model, "flipout", None) if use_flipout else None
     flip = (lambda: flipout(per)) if per else contextlib.nullcontext
     if sample_batched:
