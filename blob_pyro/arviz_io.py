@@ -157,7 +157,9 @@ def joint_draws(model, guide, examples, *, num_samples: int, batch_size: int = 3
     """Yield ``(guide_trace, logits)`` for S joint draws: θ_s ~ q once, ``logits`` (N, K) of every example.
 
     The logits come from :func:`~blob_pyro.predictive.posterior_logits` with the guide replayed on its
-    own trace (``poutine.replay``), so every batch sees the same θ_s; Flipout is off for that reason.
+    own trace (``poutine.replay``), so every batch sees the same θ_s; Flipout is off for that reason. A guide that
+    predicts with the network linearised at its MAP (a Laplace guide, ``predictive == "glm"``) pairs θ_s with the
+    linearised logits f + J (θ_s − θ*) instead (:func:`blob_pyro.laplace_glm.linearised_logits`).
     The caller's torch RNG state is restored afterwards.
     """
     from pyro import poutine
@@ -176,6 +178,9 @@ def joint_draws(model, guide, examples, *, num_samples: int, batch_size: int = 3
 
         draws = tqdm(draws, desc=f"posterior draws (S={num_samples})", dynamic_ncols=True, leave=False)
     cuda = [device.index or 0] if device.type == "cuda" else []
+    if getattr(guide, "predictive", None) == "glm":
+        yield from _linearised_draws(model, guide, batches, num_samples, seed, cuda, progress)
+        return
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
         for _ in draws:
@@ -184,6 +189,26 @@ def joint_draws(model, guide, examples, *, num_samples: int, batch_size: int = 3
             logits = torch.cat([posterior_logits(model, fixed, b, num_samples=1, use_flipout=False)[0].float()
                                 for b in batches])
             yield trace, logits
+
+
+def _linearised_draws(model, guide, batches, num_samples, seed, cuda, progress):
+    """:func:`joint_draws` for a guide that predicts with the network linearised at its MAP (a Laplace guide with
+    ``predictive == "glm"``): θ_s ~ q as there, each paired with the linearised logits f + J (θ_s − θ*), so the
+    replicated labels come from the predictive the run reports. The Jacobians are taken once per batch for all S."""
+    from pyro import poutine
+
+    from .laplace_glm import jacobians, linearised_logits
+
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        traces = [poutine.trace(guide).get_trace(batches[0]) for _ in range(num_samples)]
+    values = [{n: trace.nodes[n]["value"].detach() for n in guide.laplace_names} for trace in traces]
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc=f"linearised draws (S={num_samples})", dynamic_ncols=True, leave=False)
+    logits = torch.cat([linearised_logits(*jacobians(model, guide, b), guide, values).float() for b in batches], dim=1)
+    yield from zip(traces, logits)
 
 
 def _labels(model, sites) -> tuple[list[str], list[str], list[str]]:
@@ -322,7 +347,9 @@ def to_inference_data(run, dataset: str | None = None, *, num_samples: int = 50,
     dims = {"factor_entry": ["site", "entry"], "factor_norm": ["site"], "update_norm": ["layer"],
             "y": ["example"], "logits": ["example", "class"], "example_index": ["example"]}
     name = (split_data.dataset if hasattr(split_data, "dataset") else cfg.dataset)
-    attrs = {"inference_library": "pyro", "inference": f"variational ({type(guide).__name__}), draws from q",
+    how = ("variational ({}), draws from q" if getattr(guide, "predictive", None) != "glm" else
+           "variational ({}), draws from q, logits of the network linearised at the MAP").format(type(guide).__name__)
+    attrs = {"inference_library": "pyro", "inference": how,
              "dataset": name, "split": getattr(split_data, "split", split), "num_samples": int(num_samples),
              "seed": int(seed), "model": cfg.model, "bayesian_factor": model.bayesian_factor,
              "prior": getattr(model.prior, "describe", lambda: repr(model.prior))(), "guide": cfg.bayes.guide}

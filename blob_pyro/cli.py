@@ -101,6 +101,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--num-samples", type=int, help="posterior draws (0 = posterior mean)")
     e.add_argument("--batch-size", type=int, help="evaluation batch size")
     e.add_argument("--ece-bins", type=int, help="equal-width confidence bins of the ECE (default: the run's, 15)")
+    e.add_argument("--laplace-predictive", choices=("glm", "sample"),
+                   help="method=laplace runs: predict with the linearised network (glm) or weight draws (sample) "
+                        "instead of the run's own")
     e.add_argument("--ood-dataset", metavar="D",
                    help="also predict D's eval split and report the AUROC of telling it from --dataset's (OOD detection)")
     e.add_argument("--output", help="also write the metrics to this JSON file")
@@ -223,6 +226,12 @@ def _cmd_evaluate(args) -> int:
         raise ConfigError(f"--batch-size must be > 0; got {args.batch_size}")
     if args.ece_bins is not None and args.ece_bins <= 0:
         raise ConfigError(f"--ece-bins must be > 0; got {args.ece_bins}")
+    if args.laplace_predictive is not None:
+        from .training import read_run_config
+
+        method = read_run_config(args.run).method
+        if method != "laplace":
+            raise ConfigError(f"laplace_predictive is a setting of method=laplace; got method={method}")
     run = load_run(args.run, dataset=args.dataset or None, data_dir=args.data_dir,
                    trust_remote_code=args.trust_remote_code)
     if run.eval is None:
@@ -233,6 +242,8 @@ def _cmd_evaluate(args) -> int:
         run.config.predict.eval_batch_size = args.batch_size
     if args.ece_bins:
         run.config.predict.ece_bins = args.ece_bins
+    if args.laplace_predictive:
+        run.config.laplace_predictive = run.guide.predictive = args.laplace_predictive
     ood = None
     if args.ood_dataset:
         from .data import load_split

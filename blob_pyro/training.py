@@ -19,7 +19,8 @@ A run directory::
     temperature.json          method=temperature: the fitted T and the held-out training examples it was fitted on
     tfb.json                  method=tfb: the searched sigma, the anchor training examples, their NLL at 0 and sigma, the trace
     laplace.json              method=laplace: the prior precision found, its marginal-likelihood trace, the hessian
-                              structure, time and memory (posterior.safetensors then holds MAP point and precision)
+                              structure, the predictive (glm | sample), time and memory (posterior.safetensors then
+                              holds MAP point and precision)
     predictions.safetensors   the eval split's labels (N,), probs (N, K) and per-draw logits (S, N, K)
     member0/ ... member<K-1>/ method=ensemble: one run folder per member (predictions.safetensors: their average,
                               member_logits (K, N, K))
@@ -281,7 +282,8 @@ def post_fit(run: Run) -> None:
         if run.train is None:
             raise ConfigError("method=laplace fits its posterior on the training split; build the run with its data")
         result = fit_laplace(run.model, run.guide, run.train, hessian=run.config.laplace_hessian,
-                             subset=run.config.laplace_subset, batch_size=run.config.fit.batch_size)
+                             subset=run.config.laplace_subset, batch_size=run.config.fit.batch_size,
+                             predictive=run.config.laplace_predictive)
         run.guide, run.laplace = result.guide, result.info
         return
     if run.config.method != "temperature":
@@ -446,7 +448,10 @@ def load_run(run_dir, *, dataset: str | None = None, data_dir: str | None = None
         from .laplace import placeholder_guide
 
         laplace = _read_laplace(run_dir)
-        guide = placeholder_guide(model, hessian=cfg.laplace_hessian, subset=cfg.laplace_subset)
+        # a run from before laplace_predictive existed predicted with weight draws: its record says so by not saying
+        cfg.laplace_predictive = laplace.get("predictive", "sample")
+        guide = placeholder_guide(model, hessian=cfg.laplace_hessian, subset=cfg.laplace_subset,
+                                  predictive=cfg.laplace_predictive)
     else:
         guide = _make_guide(cfg, model)
         with torch.no_grad():
@@ -586,6 +591,8 @@ def metrics_of(run: Run, data, out, *, num_samples: int | None = None) -> dict:
     metrics.update(uncertainty_metrics(_draw_probs(out), out.labels))
     s = num_samples if num_samples is not None else cfg.predict.num_samples
     metrics.update(dataset=data.dataset, split=data.split, num_samples=s, num_examples=len(data), ece_bins=bins)
+    if cfg.method == "laplace":
+        metrics["laplace_predictive"] = cfg.laplace_predictive
     return metrics
 
 
