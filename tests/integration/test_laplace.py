@@ -93,3 +93,40 @@ def test_laplace_kfac_on_minilm_gives_a_positive_definite_posterior_that_moves_t
     metrics = json.loads((out / "metrics.json").read_text())
     torch.manual_seed(0)
     assert evaluate(run, progress=False)["num_samples"] == metrics["num_samples"] == 3
+
+
+def test_laplace_glm_on_minilm_predicts_in_logit_space_and_a_saved_run_evaluates_the_same(tmp_path, capsys):
+    data = data_folder(tmp_path)
+    out = tmp_path / "run"
+    assert main(["train", "--model", "minilm", "--dataset", "winogrande_s", "--data-dir", str(data),
+                 "--max-length", "32", "--batch-size", "4", "--max-steps", "3", "--lr", "0.05", "--seed", "1",
+                 "--method", "laplace", "--laplace-hessian", "kfac", "--num-samples", "4", "--output-dir", str(out),
+                 "--quiet"]) == 0
+    record = json.loads((out / LAPLACE_FILE).read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert record["predictive"] == metrics["laplace_predictive"] == "glm"  # the default, as Laplace-LoRA
+    run = load_run(out, data_dir=str(data))
+    assert run.guide.predictive == run.config.laplace_predictive == "glm"
+    from blob_pyro.laplace_glm import logit_moments
+
+    batch = run.model.head.collate(list(run.eval.examples)[:3])
+    mean, cov = logit_moments(run.model, run.guide, batch)
+    assert mean.shape == (3, 2) and (cov.diagonal(dim1=1, dim2=2) > 0).all()
+    assert torch.allclose(cov, cov.transpose(1, 2))
+    torch.manual_seed(0)
+    first = evaluate(run, progress=False)
+    torch.manual_seed(0)
+    assert evaluate(run, progress=False) == first  # a saved run evaluates reproducibly
+    assert first["num_samples"] == 4 and first["mutual_information"] > 0 and first["laplace_predictive"] == "glm"
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(out), "--data-dir", str(data), "--laplace-predictive", "sample",
+                 "--output", str(tmp_path / "sample.json"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "sample.json").read_text())["laplace_predictive"] == "sample"
+    from blob_pyro.arviz_io import to_inference_data
+
+    idata = to_inference_data(run, num_samples=3, limit=4)
+    assert "linearised" in idata.attrs["inference"] and idata.posterior_predictive["logits"].shape == (1, 3, 4, 2)
+    # a run from before the setting (laplace.json without "predictive") predicted with weight draws, and still does
+    del record["predictive"]
+    (out / LAPLACE_FILE).write_text(json.dumps(record))
+    assert load_run(out, data_dir=str(data)).guide.predictive == "sample"
