@@ -87,14 +87,20 @@ def kl_terms(model_sites: dict, guide_sites: dict) -> torch.Tensor:
 
     ``*_sites`` map names to trace nodes or messages. For a point-estimate (``Delta``) site the MC term is
     log δ − log p = −log p(θ), the MAP penalty: what the ELBO optimises, negative when the prior density
-    exceeds 1 (the KL of a point mass is infinite). The MC term reuses the trace nodes' ``unscaled_log_prob``
-    where both have one (the same densities of the same draw).
+    exceeds 1 (the KL of a point mass is infinite). A guide that draws through auxiliary sites (Pyro's
+    ``AutoNormal``: an ``_unconstrained`` Normal, then a ``Delta`` at its transform) adds their log q, so its
+    term is the one-draw estimate log q(u) + log δ − log p(θ) of its KL, as in the ELBO. The MC term reuses
+    the trace nodes' ``unscaled_log_prob`` where both have one (the same densities of the same draw).
     """
     total = 0.0
     for name, site in guide_sites.items():
-        if site["type"] != "sample" or site["is_observed"] or name not in model_sites:
+        if site["type"] != "sample" or site["is_observed"]:
             continue
         if (site.get("infer") or {}).get("is_auxiliary"):
+            log_q = site.get("unscaled_log_prob")
+            total = total + (site["fn"].log_prob(site["value"]) if log_q is None else log_q).sum()
+            continue
+        if name not in model_sites:
             continue
         model_site = model_sites[name]
         prior = model_site["fn"]
