@@ -55,11 +55,14 @@ def test_runner_writes_results_table_and_plots(smoke):
         assert (r["dataset"], r["eval_dataset"], r["seed"], r["num_examples"]) == ("winogrande_s", "winogrande_s", "1", "6")
         for key in ("accuracy", "ece", "nll", "brier", "train_seconds", "eval_seconds"):
             assert float(r[key]) >= 0, key
+        # CPU seconds: recorded per row, positive (a fit and a prediction did run) and finite
+        assert 0 < float(r["train_cpu_seconds"]) < 1e5 and 0 < float(r["eval_cpu_seconds"]) < 1e5
     assert [r["num_samples"] for r in rows] == ["0", "2", "0"]
     assert rows[1]["run_dir"] == rows[2]["run_dir"]  # blob and blob_mean: one trained run, two predictions
     md = (report / "results.md").read_text()
     for title in ("ACC (%)", "ECE (%)", "NLL", "Brier", "Time"):
         assert f"## {title}" in md
+    assert "### train, CPU" in md and "CPU-hours" in md
     assert "| method | winogrande_s |" in md and "| blob_mean |" in md
     acc = 100 * float(rows[0]["accuracy"])
     assert f"| mle | {acc:.2f} (1 seed) |" in md  # one seed: no std to show
