@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from pyro import poutine
 
-from .optim import set_lora_dropout
+from .optim import own_params, set_lora_dropout
 from .poutine import flipout
 from .precision import warn_if_emulated
 
@@ -57,6 +57,11 @@ def posterior_logits(model, guide, batch, *, num_samples: int = 10, sample_batch
     """
     if num_samples < 0:
         raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+    with own_params():  # this model's and guide's own values, not another run's left in the param store
+        return _posterior_logits(model, guide, batch, num_samples, sample_batched, use_flipout)
+
+
+def _posterior_logits(model, guide, batch, num_samples, sample_batched, use_flipout):
     if num_samples == 0:
         return _model_logits(model, batch, condition=guide.median(batch)).unsqueeze(0)
     per = getattr(model, "flipout", None) if use_flipout else None
