@@ -102,11 +102,10 @@ def predict(model, guide, data, *, num_samples: int = 10, batch_size: int = 16, 
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc=f"predict (S={num_samples})", dynamic_ncols=True, leave=False)
-    with amp:
+    with amp, own_params():  # one scope for the whole loop, not one per batch (posterior_logits' own)
         for start in starts:
             batch = model.head.collate(examples[start:start + batch_size], device)
-            logits = posterior_logits(model, guide, batch, num_samples=num_samples,
-                                      sample_batched=sample_batched).float()
+            logits = _posterior_logits(model, guide, batch, num_samples, sample_batched, True).float()
             probs.append(torch.softmax(logits, dim=-1).mean(0).cpu())
             labels.append(batch["labels"].cpu())
             if keep_draws:
