@@ -19,6 +19,13 @@ Every step runs under :func:`~blob_pyro.poutine.scale_latents` (the KL weight),
 :func:`~blob_pyro.poutine.float64_latents` (latent log-densities in float64), plus autocast if asked.
 ``fit`` neither joins a process group nor changes the model: under a launcher, join first
 (:func:`blob_pyro.distributed.init_from_env`); gradients are then averaged over processes before each step.
+
+Validation: a step object validates its first step as Pyro's setting says (``pyro.enable_validation``, on unless
+Python runs with ``-O``) and runs later steps with validation off, which computes the same numbers
+(:mod:`blob_pyro.validation`). A later step whose loss, NLL or KL is non-finite has its traces checked as
+validation would have checked them before any optimiser step, so a diverging run stops with the same one-line
+:class:`~blob_pyro.errors.TrainingError` naming the same culprit; one that raises runs again, validated, from the
+same RNG state. With validation off no step is validated.
 """
 
 from __future__ import annotations
