@@ -1,5 +1,6 @@
 """blob_pyro.infer: fit's loop and its two step kinds (ELBO and the paper's), what they log, what they refuse."""
 
+import contextlib
 import math
 
 import pyro
@@ -413,6 +414,24 @@ def test_paper_step_is_bit_identical_with_per_tensor_optimisers():
             step.sched1 = torch.optim.lr_scheduler.LambdaLR(step.opt1, step.sched1.lr_lambdas[0])
             step.sched2 = torch.optim.lr_scheduler.LambdaLR(step.opt2, step.sched2.lr_lambdas[0])
             step._plain = True
+        step.validate.validated = False  # the reference validates every step
         return PaperStep.step(step, batch, w, n)
 
     _fast_and_plain(_tiny("blob", "A"), FitConfig(max_steps=10, lr=3e-2, warmup_ratio=0.2, objective="paper"), plain)
+
+
+@pytest.mark.parametrize("wrap", [True, False])
+def test_point_estimate_kl_is_read_off_the_model_trace_bit_for_bit(wrap):
+    from blob_pyro.poutine import float64_latents
+
+    model = tiny_model("both")
+    guide = make_guide("auto_delta", model)
+    batch = model.head.collate(tiny_examples(2))
+    with float64_latents() if wrap else contextlib.nullcontext():
+        guide_trace = poutine.trace(guide).get_trace(batch)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(batch)
+    model_trace.compute_log_prob()
+    fast = kl_terms(model_trace.nodes, guide_trace.nodes)
+    plain = sum(kl_divergence(guide_trace.nodes[s.name]["fn"], model_trace.nodes[s.name]["fn"]).sum()
+                for s in model.sites)
+    assert fast.dtype == (torch.float64 if wrap else torch.float32) and fast.item() == plain.item()
