@@ -164,7 +164,7 @@ def joint_draws(model, guide, examples, *, num_samples: int, batch_size: int = 3
     """
     from pyro import poutine
 
-    from .optim import set_lora_dropout
+    from .optim import own_params, set_lora_dropout
     from .predictive import posterior_logits
 
     if num_samples < 1:
@@ -184,10 +184,11 @@ def joint_draws(model, guide, examples, *, num_samples: int, batch_size: int = 3
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
         for _ in draws:
-            trace = poutine.trace(guide).get_trace(batches[0])
-            fixed = poutine.replay(guide, trace=trace)
-            logits = torch.cat([posterior_logits(model, fixed, b, num_samples=1, use_flipout=False)[0].float()
-                                for b in batches])
+            with own_params():  # per draw, not across the yield: the caller's code runs in between
+                trace = poutine.trace(guide).get_trace(batches[0])
+                fixed = poutine.replay(guide, trace=trace)
+                logits = torch.cat([posterior_logits(model, fixed, b, num_samples=1, use_flipout=False)[0].float()
+                                    for b in batches])
             yield trace, logits
 
 

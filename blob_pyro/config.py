@@ -7,11 +7,15 @@
     cfg = cfg.resolve()            # the method / preset applied and checked (ConfigError on a conflict)
     cfg.fit.lr, cfg.bayes.guide    # sections: adapter, bayes, fit, predict, runtime
     json.dumps(cfg.to_dict())      # nested; from_dict reads nested or flat keys
+    RunConfig.from_dict({"method": "mle"}).resolve().unread_settings()   # {"eps", "std_param", "guide_rank", ...}
 
 Field names are unique across sections, so a flat key (``"lr"``) or flag (``--lr``) names exactly one
 setting. Settings a method or preset decides default to ``None`` ("not set"); :meth:`RunConfig.resolve`
 fills them from the method (:mod:`blob_pyro.methods`), then from the defaults below, and refuses an
-explicit setting that contradicts the method with one line naming both.
+explicit setting that contradicts the method with one line naming both. Some settings are read only under a
+condition (``eps`` by a guide with a spread, ``kl_lr`` by ``objective=paper``): :data:`UNREAD_WHEN` lists them
+and :meth:`RunConfig.unread_settings` names those a resolved config leaves unread, so that comparing two runs
+(the benchmark runner resuming a grid) can leave them out.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import functools
 import json
 import math
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -34,7 +39,7 @@ from .methods import FROM_RUN_SOURCES, METHODS, PRESETS, apply_method
 from .priors import PRIORS
 
 __all__ = ["AdapterConfig", "BayesConfig", "FitConfig", "PredictConfig", "RuntimeConfig", "RunConfig",
-           "ConfigError", "read_config_file", "SECTIONS", "with_defaults"]
+           "ConfigError", "read_config_file", "SECTIONS", "with_defaults", "Unread", "UNREAD_WHEN"]
 
 OBJECTIVES = ("elbo", "paper")
 
@@ -311,6 +316,63 @@ class RunConfig:
         cfg = RunConfig.from_dict(apply_method(self.flat_dict(), self.method, self.preset))
         sections = {s: with_defaults(getattr(cfg, s)) for s in SECTIONS}
         return dataclasses.replace(with_defaults(cfg), **sections).validate()
+
+    def unread_settings(self) -> set[str]:
+        """The flat names of the settings this *resolved* config's run never reads (:data:`UNREAD_WHEN`): changing
+        one of them changes no trained parameter, prediction or log line of the run.
+
+        ::
+
+            RunConfig.from_dict({"method": "mle"}).resolve().unread_settings()
+            # {'eps', 'std_param', 'guide_rank', 'scale_lr', 'gamma', 'kl_cycle', 'kl_lr', 'prior_df', 'cloze_norm'}
+        """
+        if None in (self.bayes.guide, self.bayes.prior, self.fit.objective, self.fit.kl_schedule):
+            raise ValueError("unread_settings needs a resolved config (RunConfig.resolve())")
+        return {name for rule in UNREAD_WHEN if rule.when(self) for name in rule.settings}
+
+
+@dataclass(frozen=True)
+class Unread:
+    """``settings`` a run does not read when ``when(resolved config)`` holds; ``condition`` says it in words and
+    ``read_by`` names the code that reads them otherwise (where to look when that code changes)."""
+
+    settings: tuple[str, ...]
+    when: Callable[[RunConfig], bool]
+    condition: str
+    read_by: str
+
+
+UNREAD_WHEN = (
+    Unread(("guide_rank",), lambda c: c.bayes.guide != "lowrank", "guide is not lowrank",
+           "guides.make_guide (the lowrank branch alone passes rank)"),
+    Unread(("eps",), lambda c: c.bayes.guide == "auto_delta", "guide=auto_delta (a point estimate)",
+           "guides.make_guide (blob, lowrank: rho's init; auto_normal: init_scale); tfb's guide takes its own default "
+           "and overwrites rho, laplace builds its own"),
+    Unread(("std_param",), lambda c: c.bayes.guide in ("auto_delta", "auto_normal"), "guide is auto_delta or "
+           "auto_normal", "guides.make_guide (the BlobGuide branches alone); tfb's guide fixes std_param=square"),
+    Unread(("scale_lr",), lambda c: c.bayes.guide == "auto_delta" or c.fit.objective == "paper",
+           "guide=auto_delta (no scale parameters) or objective=paper",
+           "infer.ElboStep (its scale group, dropped when empty); PaperStep steps rho by SGD at kl_lr"),
+    Unread(("elbo", "num_particles", "weight_decay"), lambda c: c.fit.objective == "paper", "objective=paper",
+           "infer.ElboStep; PaperStep takes one draw and its AdamW has weight_decay=0"),
+    Unread(("kl_lr",), lambda c: c.fit.objective != "paper", "objective is not paper", "infer.PaperStep"),
+    Unread(("kl_cycle",), lambda c: c.fit.kl_schedule != "blob", "kl_schedule is not blob",
+           "kl.BlobKLSchedule via infer.fit's make_kl_schedule"),
+    Unread(("gamma",), lambda c: c.fit.kl_schedule != "blob" or c.fit.kl_cycle is not None,
+           "kl_schedule is not blob, or kl_cycle sets the cycle", "kl.BlobKLSchedule (only without a cycle)"),
+    Unread(("kl_multiplier",), lambda c: c.fit.kl_schedule != "fixed", "kl_schedule is not fixed",
+           "kl.FixedKL via infer.fit's make_kl_schedule"),
+    Unread(("prior_df",), lambda c: c.bayes.prior != "student_t", "prior is not student_t",
+           "training.build_model (make_prior's df for student_t alone)"),
+    Unread(("cloze_norm",), lambda c: c.head != "cloze", "head is not cloze (auto picks causal_lm or multiple_choice)",
+           "training._make_head (ClozeHead alone)"),
+)
+"""The settings read only under a condition on the resolved config, each with that condition (derived from the code
+that reads it; a setting is listed only where no output of the run, its training log included, depends on it).
+
+Not listed, although a point estimate's training does not depend on them: ``prior``, ``prior_scale`` (and
+``prior_df``) under a KL weight of 0 (``mle``, ``mcdropout``, ``ensemble``, ``temperature``, ``tfb``): the logged KL
+is -log p(point) under the prior."""
 
 
 def with_defaults(settings):

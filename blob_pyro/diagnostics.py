@@ -47,6 +47,7 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
 from . import arviz_io
+from .optim import own_params
 from .poutine.float64 import Float64Latents
 
 __all__ = ["VIDiagnostic", "log_importance_ratios", "pareto_k", "vi_pareto_k", "khat_reading", "khat_threshold",
@@ -123,7 +124,7 @@ def log_importance_ratios(model, guide, batches, *, num_samples: int, num_data: 
     out = {k: np.empty(num_samples) for k in ("log_ratio", "log_prior", "log_lik", "log_q")}
     n_obs = None
     # Float64Latents: float32 latent log-densities are NaN once a std is below ~1e-22 (collapsed posteriors)
-    with torch.random.fork_rng(devices=[]), Float64Latents():
+    with torch.random.fork_rng(devices=[]), Float64Latents(), own_params():
         torch.manual_seed(seed)
         for s in range(num_samples):
             guide_trace = poutine.trace(guide).get_trace(batches[0])

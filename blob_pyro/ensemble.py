@@ -24,7 +24,6 @@ import json
 import shutil
 from pathlib import Path
 
-import pyro
 import torch
 
 from .config import RunConfig
@@ -65,13 +64,10 @@ def ensemble_average(probs: list, logits: list | None = None) -> tuple:
 
 
 def member_scope():
-    """An empty Pyro param store for one member's calls, the caller's restored afterwards.
+    """:func:`blob_pyro.optim.own_params`: each member's calls on its own parameters (the members name theirs alike)."""
+    from .optim import own_params
 
-    The members' parameters have the same names (``network$$$...``, the guide's ``AutoDelta...``), and a Pyro
-    model call takes the param store's values for its names (``pyro.module(..., update_module_params=True)``), so
-    member j called while the store holds member i's would predict with member i's weights.
-    """
-    return pyro.get_param_store().scope()
+    return own_params()
 
 
 def predict_members(members: list, data, *, num_samples: int | None = None, batch_size: int | None = None,

@@ -144,6 +144,7 @@ class BlobGuide(AutoGuide):
 
     def _setup(self, specs: list[_Spec]) -> None:
         self._specs = specs
+        self._parents = {}
         self.loc = PyroModule()
         self.rho = PyroModule()
         if self.covariance == "lowrank":
@@ -160,19 +161,31 @@ class BlobGuide(AutoGuide):
                 deep_setattr(self.corr_factor, spec.name, PyroParam(factor0, constraints.real))
 
     # --- the guide ----------------------------------------------------------------------------
+    def _param(self, group: str, name: str) -> torch.Tensor:
+        """``deep_getattr(getattr(self, group), name)``: the last attribute is read from its PyroModule (a param
+        statement, the param store's value), the modules above it from a cache made once per tree."""
+        root = getattr(self, group)
+        cached = self._parents.get(group)
+        if cached is None or cached[0] is not root:
+            parents = {s.name: (deep_getattr(root, s.name.rpartition(".")[0]) if "." in s.name else root,
+                                s.name.rpartition(".")[2]) for s in self._specs}
+            cached = self._parents[group] = (root, parents)
+        module, attr = cached[1][name]
+        return getattr(module, attr)
+
     def _std(self, rho: torch.Tensor) -> torch.Tensor:
         std = rho.square() if self.std_param == "square" else F.softplus(rho)
         return std.clamp_min(_LOWRANK_MIN_STD) if self.covariance == "lowrank" else std
 
     def site_distribution(self, name: str) -> dist.Distribution:
         """q(factor) for one site, event shape = the factor's shape."""
-        loc = deep_getattr(self.loc, name)
-        std = self._std(deep_getattr(self.rho, name))
+        loc = self._param("loc", name)
+        std = self._std(self._param("rho", name))
         if self.covariance == "diagonal":
             return dist.Normal(loc, std).to_event(loc.dim())
         std = std.reshape(-1)
         base = dist.LowRankMultivariateNormal(
-            loc.reshape(-1), std.unsqueeze(-1) * deep_getattr(self.corr_factor, name), std.square()
+            loc.reshape(-1), std.unsqueeze(-1) * self._param("corr_factor", name), std.square()
         )
         return dist.TransformedDistribution(base, [ReshapeTransform((loc.numel(),), tuple(loc.shape))])
 
@@ -181,7 +194,7 @@ class BlobGuide(AutoGuide):
             self._setup_prototype(*args, **kwargs)
         out = {}
         for spec in self._specs:
-            infer = {"flipout_loc": deep_getattr(self.loc, spec.name)} if self.covariance == "lowrank" else {}
+            infer = {"flipout_loc": self._param("loc", spec.name)} if self.covariance == "lowrank" else {}
             out[spec.name] = pyro.sample(spec.name, self.site_distribution(spec.name), infer=infer)
         return out
 

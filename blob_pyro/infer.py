@@ -19,6 +19,13 @@ Every step runs under :func:`~blob_pyro.poutine.scale_latents` (the KL weight),
 :func:`~blob_pyro.poutine.float64_latents` (latent log-densities in float64), plus autocast if asked.
 ``fit`` neither joins a process group nor changes the model: under a launcher, join first
 (:func:`blob_pyro.distributed.init_from_env`); gradients are then averaged over processes before each step.
+
+Validation: a step object validates its first step as Pyro's setting says (``pyro.enable_validation``, on unless
+Python runs with ``-O``) and runs later steps with validation off, which computes the same numbers
+(:mod:`blob_pyro.validation`). A later step whose loss, NLL or KL is non-finite has its traces checked as
+validation would have checked them before any optimiser step, so a diverging run stops with the same one-line
+:class:`~blob_pyro.errors.TrainingError` naming the same culprit; one that raises runs again, validated, from the
+same RNG state. With validation off no step is validated.
 """
 
 from __future__ import annotations
@@ -30,10 +37,13 @@ import re
 import time
 from collections.abc import Callable
 
+import pyro.distributions as dist
 import torch
 from pyro import poutine
+from pyro.distributions.kl import _kl_delta
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from torch.distributions import kl_divergence
+from torch.distributions.kl import _dispatch_kl
 
 from . import distributed
 from .config import FitConfig, with_defaults
@@ -41,8 +51,9 @@ from .data import batches
 from .errors import ConfigError, TrainingError
 from .kl import closed_form_kl, make_kl_schedule
 from .optim import param_groups, register_parameters, set_lora_dropout, warmup_linear
-from .poutine import flipout, float64_latents, scale_latents
+from .poutine import Float64Density, flipout, float64_latents, scale_latents
 from .precision import warn_if_emulated
+from .validation import ValidateOnce, raise_if_invalid, scored_values
 
 __all__ = ["fit", "make_step", "ElboStep", "PaperStep", "kl_terms", "resolved_fit_config", "KeepTrace_ELBO",
            "KeepTraceMeanField_ELBO"]
@@ -61,13 +72,19 @@ def resolved_fit_config(cfg: FitConfig | None = None, **settings) -> FitConfig:
 
 # ---- what one step records ----------------------------------------------------------------------
 class _KeepTraces:
-    """Keeps the (model, guide) traces of the last particle of each call: the step's KL and NLL are read from
-    them, so no extra handler rides on every sample site and no log-density is computed twice."""
+    """Keeps the (model, guide) traces of each particle of a call (``particles``; ``traces`` the last): the step's KL
+    and NLL are read from them, so no extra handler rides on every sample site and no log-density is computed
+    twice. The caller empties ``particles`` between calls."""
 
     traces: tuple | None = None
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.particles: list[tuple] = []
+
     def _get_trace(self, model, guide, args, kwargs):
         self.traces = super()._get_trace(model, guide, args, kwargs)
+        self.particles.append(self.traces)
         return self.traces
 
 
@@ -87,17 +104,27 @@ def kl_terms(model_sites: dict, guide_sites: dict) -> torch.Tensor:
 
     ``*_sites`` map names to trace nodes or messages. For a point-estimate (``Delta``) site the MC term is
     log δ − log p = −log p(θ), the MAP penalty: what the ELBO optimises, negative when the prior density
-    exceeds 1 (the KL of a point mass is infinite). The MC term reuses the trace nodes' ``unscaled_log_prob``
-    where both have one (the same densities of the same draw).
+    exceeds 1 (the KL of a point mass is infinite). A guide that draws through auxiliary sites (Pyro's
+    ``AutoNormal``: an ``_unconstrained`` Normal, then a ``Delta`` at its transform) adds their log q, so its
+    term is the one-draw estimate log q(u) + log δ − log p(θ) of its KL, as in the ELBO. The MC term reuses
+    the trace nodes' ``unscaled_log_prob`` where both have one (the same densities of the same draw).
     """
     total = 0.0
     for name, site in guide_sites.items():
-        if site["type"] != "sample" or site["is_observed"] or name not in model_sites:
+        if site["type"] != "sample" or site["is_observed"]:
             continue
         if (site.get("infer") or {}).get("is_auxiliary"):
+            log_q = site.get("unscaled_log_prob")
+            total = total + (site["fn"].log_prob(site["value"]) if log_q is None else log_q).sum()
+            continue
+        if name not in model_sites:
             continue
         model_site = model_sites[name]
         prior = model_site["fn"]
+        penalty = _point_estimate_kl(site, model_site)
+        if penalty is not None:
+            total = total + penalty
+            continue
         try:
             total = total + kl_divergence(site["fn"], prior).sum()
         except NotImplementedError:
@@ -107,6 +134,27 @@ def kl_terms(model_sites: dict, guide_sites: dict) -> torch.Tensor:
                 value = site["value"]
                 total = total + (site["fn"].log_prob(value) - prior.log_prob(value)).sum()
     return torch.as_tensor(total)
+
+
+def _point_estimate_kl(site, model_site) -> torch.Tensor | None:
+    """``kl_divergence(δ_v, p).sum()`` of a point-estimate site, read off the model trace, or None.
+
+    Pyro's KL of a ``Delta`` is ``−p.log_prob(v)``; where both sites are wrapped alike (both in
+    :class:`~blob_pyro.poutine.Float64Density`, or neither) and the model site's value is v itself (replayed from the
+    guide), the model trace already holds that very density (``unscaled_log_prob``): the same number, not computed
+    again.
+    """
+    q, p = site["fn"], model_site["fn"]
+    wrapped = isinstance(q, Float64Density)
+    if wrapped != isinstance(p, Float64Density) or "unscaled_log_prob" not in model_site:
+        return None
+    if wrapped:
+        q, p = q.base_dist, p.base_dist
+    if type(q) is not dist.Delta or _dispatch_kl(type(q), type(p)) is not _kl_delta:
+        return None
+    if model_site["value"] is not site["value"] or site["value"].shape != q.v.shape:
+        return None
+    return (-model_site["unscaled_log_prob"]).sum()
 
 
 def _nll(obs_site) -> torch.Tensor:
@@ -154,16 +202,29 @@ class ElboStep:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_linear(cfg.max_steps,
                                                                                           cfg.warmup_ratio))
         self.elbo = ELBOS[cfg.elbo](num_particles=cfg.num_particles)
+        self.validate = ValidateOnce(self.params)
 
-    def step(self, batch: dict, kl_weight: float, num_data: int) -> dict:
+    def _loss_and_grads(self, batch: dict, kl_weight: float, num_data: int) -> tuple:
+        self.elbo.particles = []
         with _context(self.model, scale=num_data * kl_weight, autocast_dtype=self.autocast_dtype,
                       device_type=self.device_type):
             loss = self.elbo.loss_and_grads(self.model, self.guide, batch)
             model_trace, guide_trace = self.elbo.traces
-            self.elbo.traces = None  # nothing of this step outlives it
             with torch.no_grad():  # read before the optimiser moves the parameters the sites refer to
                 kl = kl_terms(model_trace.nodes, guide_trace.nodes).item()
                 nll = _nll(model_trace.nodes["obs"]).item()
+        return loss, nll, kl
+
+    def _diagnose(self, _) -> None:
+        for model_trace, guide_trace in self.elbo.particles:  # the order a validated step checks them in
+            raise_if_invalid([guide_trace, model_trace], scored_values(model_trace, guide_trace))
+
+    def step(self, batch: dict, kl_weight: float, num_data: int) -> dict:
+        try:
+            loss, nll, kl = self.validate.run(lambda: self._loss_and_grads(batch, kl_weight, num_data),
+                                              ok=lambda out: all(math.isfinite(v) for v in out), diagnose=self._diagnose)
+        finally:
+            self.elbo.traces, self.elbo.particles = None, []  # nothing of this step outlives it
         distributed.average_gradients(self.params)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -206,6 +267,7 @@ class PaperStep:
         factor = warmup_linear(cfg.max_steps, cfg.warmup_ratio)
         self.sched1 = torch.optim.lr_scheduler.LambdaLR(self.opt1, factor)
         self.sched2 = torch.optim.lr_scheduler.LambdaLR(self.opt2, factor)
+        self.validate = ValidateOnce(self.params)
 
     def kl(self) -> torch.Tensor:
         total = 0.0
@@ -213,11 +275,23 @@ class PaperStep:
             total = total + closed_form_kl(self.guide.site_distribution(name), prior)
         return total
 
-    def step(self, batch: dict, kl_weight: float, num_data: int) -> dict:
+    def _forward(self, batch: dict) -> tuple:
         with _context(self.model, scale=None, autocast_dtype=self.autocast_dtype, device_type=self.device_type):
             guide_trace = poutine.trace(self.guide).get_trace(batch)
             model_trace = poutine.trace(poutine.replay(self.model, trace=guide_trace)).get_trace(batch)
         nll = _nll(model_trace.nodes["obs"])
+        return nll, nll.item(), (model_trace, guide_trace)
+
+    @staticmethod
+    def _diagnose(out) -> None:
+        model_trace, guide_trace = out[2]
+        obs = model_trace.nodes["obs"]
+        raise_if_invalid([guide_trace, model_trace], [(obs["fn"], obs["value"])])
+
+    def step(self, batch: dict, kl_weight: float, num_data: int) -> dict:
+        # the KL below is built after the first optimiser step, under the caller's validation as before
+        nll, nll_value, _ = self.validate.run(lambda: self._forward(batch), ok=lambda out: math.isfinite(out[1]),
+                                              diagnose=self._diagnose)
         nll.backward()
         distributed.average_gradients(self.params)  # the NLL part; the KL part is the same on every process
         self.opt1.step()
@@ -228,7 +302,7 @@ class PaperStep:
         self.opt2.step()
         self.opt2.zero_grad()
         self.sched2.step()
-        return {"loss": nll.item() + kl_weight * kl.item(), "nll": nll.item(), "kl": kl.item()}
+        return {"loss": nll_value + kl_weight * kl.item(), "nll": nll_value, "kl": kl.item()}
 
     def current_lr(self) -> dict:
         return {"adamw": self.sched1.get_last_lr()[0], "sgd": self.sched2.get_last_lr()[0]}

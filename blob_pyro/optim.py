@@ -7,6 +7,9 @@
     opt = torch.optim.AdamW(groups)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_linear(max_steps=200))
 
+``own_params()`` runs a model and guide on the parameters they hold themselves, whatever Pyro's global
+param store carries (prediction and diagnostics use it, so two loaded runs never see each other's values).
+
 The guide names its scale parameters (``guide.scale_parameters()``; Pyro's AutoNormal and AutoDelta are
 known here), so a new guide family never silently trains its stds at the means' rate.
 """
@@ -21,7 +24,7 @@ from pyro.infer.autoguide import AutoDelta, AutoNormal
 
 from .errors import ConfigError
 
-__all__ = ["warmup_linear", "register_parameters", "scale_parameters", "param_groups", "set_lora_dropout"]
+__all__ = ["warmup_linear", "register_parameters", "scale_parameters", "param_groups", "set_lora_dropout", "own_params"]
 
 
 def warmup_linear(max_steps: int, warmup_ratio: float = 0.06) -> Callable[[int], float]:
@@ -37,6 +40,20 @@ def warmup_linear(max_steps: int, warmup_ratio: float = 0.06) -> Callable[[int],
 
 
 @torch.no_grad()
+def own_params():
+    """A context in which Pyro's param store starts empty and is restored afterwards.
+
+    A model or guide *call* takes the store's value for each of its parameter names and writes it into the
+    module (``pyro.module(..., update_module_params=True)``, and PyroModule's ``PyroParam`` attributes). Two runs
+    built or loaded in one process name their parameters alike (``network$$$...``, ``loc.<site>``), so calling
+    run B while the store holds run A's values would make B predict with A's weights and keep them. Inside this
+    context each call registers, and uses, the tensors its own modules hold: after training these are the
+    trained ones (the store held the same tensor objects), after ``load_run`` the loaded ones. Values put in the
+    store by hand without a call (``pyro.get_param_store().load``) are not seen here.
+    """
+    return pyro.get_param_store().scope()
+
+
 def register_parameters(model, guide) -> dict[str, torch.Tensor]:
     """Put every trainable parameter of ``model`` and ``guide`` in Pyro's param store; returns them by name.
 

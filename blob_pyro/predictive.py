@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from pyro import poutine
 
-from .optim import set_lora_dropout
+from .optim import own_params, set_lora_dropout
 from .poutine import flipout
 from .precision import warn_if_emulated
 
@@ -59,6 +59,11 @@ def posterior_logits(model, guide, batch, *, num_samples: int = 10, sample_batch
     """
     if num_samples < 0:
         raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+    with own_params():  # this model's and guide's own values, not another run's left in the param store
+        return _posterior_logits(model, guide, batch, num_samples, sample_batched, use_flipout)
+
+
+def _posterior_logits(model, guide, batch, num_samples, sample_batched, use_flipout):
     if num_samples == 0:
         return _model_logits(model, batch, condition=guide.median(batch)).unsqueeze(0)
     if getattr(guide, "predictive", None) == "glm":
@@ -103,11 +108,10 @@ def predict(model, guide, data, *, num_samples: int = 10, batch_size: int = 16, 
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc=f"predict (S={num_samples})", dynamic_ncols=True, leave=False)
-    with amp:
+    with amp, own_params():  # one scope for the whole loop, not one per batch (posterior_logits' own)
         for start in starts:
             batch = model.head.collate(examples[start:start + batch_size], device)
-            logits = posterior_logits(model, guide, batch, num_samples=num_samples,
-                                      sample_batched=sample_batched).float()
+            logits = _posterior_logits(model, guide, batch, num_samples, sample_batched, True).float()
             probs.append(torch.softmax(logits, dim=-1).mean(0).cpu())
             labels.append(batch["labels"].cpu())
             if keep_draws:

@@ -206,7 +206,8 @@ def _implied(*methods: str) -> set:
 
 def check_from_run(cfg: RunConfig) -> None:
     """Refuse (one line) a post-hoc ``cfg`` whose ``from_run`` is unfinished, of a method it cannot start from, or
-    trained with other settings than ``cfg`` has (see :func:`from_run_config`); nothing if ``from_run`` is unset."""
+    trained with other settings than ``cfg`` has (see :func:`from_run_config`; settings neither run reads,
+    :meth:`~blob_pyro.config.RunConfig.unread_settings`, may differ); nothing if ``from_run`` is unset."""
     from .methods import FROM_RUN_SOURCES, OWN_SETTINGS
 
     if cfg.from_run is None:
@@ -220,6 +221,7 @@ def check_from_run(cfg: RunConfig) -> None:
         raise RunError(f"{source_dir} did not finish (no metrics.json or adapter/); finish it with blob-pyro train "
                        f"--resume {source_dir}")
     free = _FROM_RUN_FREE | _implied(source.method, cfg.method) | {k for k, m in OWN_SETTINGS.items() if m == cfg.method}
+    free |= source.unread_settings() & cfg.unread_settings()  # e.g. eps: the source's point estimate never read it
     for key, value in source.flat_dict().items():
         if key not in free and cfg.get(key) != value:
             raise ConfigError(f"from_run takes what was trained from {source_dir}: {key}={value!r} there; got "

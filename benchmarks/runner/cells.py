@@ -62,16 +62,19 @@ def predict_rows(run, data, rows: dict[str, int], progress: bool) -> dict:
     cfg = run.config
     out = {}
     for row, samples in rows.items():
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         pred = predict(run.model, run.guide, data, **{**cfg.predict.kwargs(), "num_samples": samples},
                        keep_draws=True, progress=progress, autocast_dtype=cfg.runtime.autocast_dtype())
-        out[row] = (pred, time.perf_counter() - t0)
+        out[row] = (pred, (time.perf_counter() - t0, time.process_time() - c0))
     return out
 
 
 def _row_metrics(probs, labels, samples, seconds, data, logits=None, bins: int = 15) -> dict:
     """A result row's metrics: :func:`~blob_pyro.metrics.compute_metrics` of ``probs`` (N, K) with ``bins`` ECE bins
-    and :func:`~blob_pyro.uncertainty.uncertainty_metrics` of the draws ``softmax(logits)`` (S, N, K)."""
+    and :func:`~blob_pyro.uncertainty.uncertainty_metrics` of the draws ``softmax(logits)`` (S, N, K).
+
+    ``seconds``: (wall, CPU) seconds of the row's predictions; CPU time is the process's over all its threads,
+    the cost figure that a shared machine's load changes least."""
     import torch
 
     from blob_pyro.metrics import compute_metrics
@@ -79,7 +82,7 @@ def _row_metrics(probs, labels, samples, seconds, data, logits=None, bins: int =
 
     m = compute_metrics(probs, labels, n_bins=bins)
     m.update(uncertainty_metrics(torch.softmax(logits.float(), -1) if logits is not None else probs, labels))
-    m.update(num_samples=samples, num_examples=int(labels.shape[0]), eval_seconds=seconds,
+    m.update(num_samples=samples, num_examples=int(labels.shape[0]), eval_seconds=seconds[0], eval_cpu_seconds=seconds[1],
              dataset=getattr(data, "dataset", None), split=getattr(data, "split", None), ece_bins=bins)
     return m
 
@@ -101,12 +104,12 @@ def train_member(cfg: RunConfig, out, rows: dict[str, int], *, progress: bool = 
     write_json(out / "config.json", {"config": cfg.to_dict(), "versions": run_versions()})
     setup = time.perf_counter() - t0
     with open(out / "train_log.jsonl", "w") as log:
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         if cfg.from_run is None:  # a post-hoc entry starts from its source entry's finished run
             fit(run.model, run.guide, run.train, cfg.fit, autocast_dtype=cfg.runtime.autocast_dtype(),
                 progress=progress, callback=lambda record, _state: log.write(json.dumps(record) + "\n"))
         post_fit(run)  # a method's post-hoc step (temperature: T on the held-out training slice)
-        train_seconds = time.perf_counter() - t1
+        train_seconds, train_cpu = time.perf_counter() - t1, time.process_time() - c1
     preds = predict_rows(run, run.eval, rows, progress)
     save_run(out, run)
     labels = next(iter(preds.values()))[0].labels
@@ -117,7 +120,8 @@ def train_member(cfg: RunConfig, out, rows: dict[str, int], *, progress: bool = 
     metrics = {k: first[k] for k in METRIC_NAMES + UNCERTAINTY_NAMES}
     metrics.update(dataset=run.eval.dataset, split=run.eval.split, num_samples=first["num_samples"],
                    num_examples=first["num_examples"], ece_bins=first["ece_bins"],
-                   bench={"rows": row_metrics, "train_seconds": train_seconds, "setup_seconds": setup})
+                   bench={"rows": row_metrics, "train_seconds": train_seconds, "train_cpu_seconds": train_cpu,
+                          "setup_seconds": setup})
     write_json(out / METRICS, metrics)
     return metrics
 
@@ -144,6 +148,12 @@ def _add_rows(run_dir: Path, cfg: RunConfig, rows: dict[str, int], progress: boo
 
 
 # ---- ensembles (the seeds and the averages are blob_pyro.ensemble's) ---------------------------------
+def _sum_or_none(values) -> float | None:
+    """The sum, or None when any member lacks the figure (a member finished before CPU time was recorded)."""
+    values = list(values)
+    return None if any(v is None for v in values) else sum(values)
+
+
 def _combine_members(entry: Entry, member_preds: list, member_seconds: list, data_info: dict,
                      bins: int = 15) -> tuple[dict, dict]:
     """Ensemble rows from the members' ("member") predictions: ({row: metrics}, {row: (probs, draws' logits)}).
@@ -166,7 +176,7 @@ def _combine_members(entry: Entry, member_preds: list, member_seconds: list, dat
             raise BenchError(f"{entry.name}: members saved no logits, cannot average them")
         draws = torch.stack([x.float() for x in probs]) if rule == "probs" else p.unsqueeze(0)
         kept[row] = (p, draws.log())  # softmax(log p) = p: each draw's probabilities
-        m = _row_metrics(p, labels, None, sum(member_seconds), None, kept[row][1], bins)
+        m = _row_metrics(p, labels, None, tuple(map(_sum_or_none, zip(*member_seconds))), None, kept[row][1], bins)
         m.update(data_info, members=len(member_preds), rule=rule)
         metrics[row] = m
     return metrics, kept
@@ -200,7 +210,8 @@ def run_cell(cell: Cell, grid: Grid, *, progress: bool = True) -> dict:
         member_metrics.append(m)
         member_preds.append(load_predictions(d / PREDICTIONS))
     info = {"dataset": member_metrics[0]["dataset"], "split": member_metrics[0]["split"]}
-    seconds = [m["bench"]["rows"]["member"]["eval_seconds"] for m in member_metrics]
+    seconds = [(m["bench"]["rows"]["member"]["eval_seconds"], m["bench"]["rows"]["member"].get("eval_cpu_seconds"))
+               for m in member_metrics]
     rows, kept = _combine_members(cell.entry, member_preds, seconds, info, configs[0].predict.ece_bins)
     save_predictions(cell.dir / PREDICTIONS, member_preds[0][0], kept)
     first = rows[next(iter(rows))]
@@ -208,6 +219,7 @@ def run_cell(cell: Cell, grid: Grid, *, progress: bool = True) -> dict:
     metrics.update(info, num_examples=first["num_examples"], ece_bins=first["ece_bins"],
                    members=[d.name for d in cell.member_dirs()],
                    bench={"rows": rows, "train_seconds": sum(m["bench"]["train_seconds"] for m in member_metrics),
+                          "train_cpu_seconds": _sum_or_none(m["bench"].get("train_cpu_seconds") for m in member_metrics),
                           "setup_seconds": sum(m["bench"]["setup_seconds"] for m in member_metrics)})
     write_json(cell.dir / METRICS, metrics)
     return metrics
@@ -275,8 +287,8 @@ def run_ood(cell: Cell, grid: Grid, datasets: list[str], *, progress: bool = Tru
         if target.is_file() and all(r in json.loads(target.read_text())["rows"] for r in cell.entry.predict):
             continue
         member_preds = [load_predictions(m / "ood" / f"{d}.safetensors") for m in cell.member_dirs()]
-        seconds = [json.loads((m / "ood" / f"{d}.json").read_text())["rows"]["member"]["eval_seconds"]
-                   for m in cell.member_dirs()]
+        member_rows = [json.loads((m / "ood" / f"{d}.json").read_text())["rows"]["member"] for m in cell.member_dirs()]
+        seconds = [(r["eval_seconds"], r.get("eval_cpu_seconds")) for r in member_rows]
         rows, kept = _combine_members(cell.entry, member_preds, seconds, {"dataset": d}, configs[0].predict.ece_bins)
         target.parent.mkdir(exist_ok=True)
         save_predictions(cell.dir / "ood" / f"{d}.safetensors", member_preds[0][0], kept)

@@ -68,14 +68,18 @@ def predictions_path(run_dir: Path, dataset: str, eval_dataset: str) -> Path:
 
 # ---- resuming -----------------------------------------------------------------------------------
 def differences(stored: RunConfig, cfg: RunConfig) -> list[str]:
-    """``setting: stored -> wanted`` for each setting (but where data and device are) two resolved configs differ."""
+    """``setting: stored -> wanted`` for each setting two resolved configs differ in, but where data and device are
+    and the settings neither run reads (:meth:`~blob_pyro.config.RunConfig.unread_settings`: ``eps`` of a point
+    estimate), which change nothing the cell computed."""
     have, want = stored.flat_dict(), cfg.flat_dict()
-    keys = [k for k in want if k not in RUNTIME_KEYS and have.get(k) != want[k]]
+    unread = stored.unread_settings() & cfg.unread_settings()
+    keys = [k for k in want if k not in RUNTIME_KEYS and k not in unread and have.get(k) != want[k]]
     return [f"{k}: {have.get(k)!r} -> {want[k]!r}" for k in keys]
 
 
 def check_finished(label: str, run_dir: Path, cfg: RunConfig) -> None:
-    """Refuse a finished run folder whose config.json (flat or nested, of any version) differs from ``cfg``."""
+    """Refuse a finished run folder whose config.json (flat or nested, of any version) differs from ``cfg`` in a
+    setting the run reads (:func:`differences`)."""
     from blob_pyro.training import read_run_config
 
     try:

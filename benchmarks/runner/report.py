@@ -30,7 +30,8 @@ __all__ = ["CSV_COLUMNS", "AUROC_COLUMNS", "collect_rows", "write_csv", "summari
 CSV_COLUMNS = ("method", "entry", "trained_as", "dataset", "eval_dataset", "seed", "num_samples", "accuracy", "ece",
                "nll", "brier", "confidence", "num_examples", "train_seconds", "eval_seconds", "setup_seconds", "max_steps",
                "batch_size", "run_dir", "ece_bins") + UNCERTAINTY_NAMES + ("auroc_max_prob", "auroc_entropy",
-                                                                           "auroc_mutual_information")
+                                                                           "auroc_mutual_information",
+                                                                           "train_cpu_seconds", "eval_cpu_seconds")
 # an OOD row's AUROC of telling its examples from the cell's own dev split, per score (blob_pyro.uncertainty.ood_auroc)
 AUROC_COLUMNS = {"max_prob": "auroc_max_prob", "entropy": "auroc_entropy", "mutual_information": "auroc_mutual_information"}
 
@@ -52,6 +53,7 @@ def collect_rows(grid: Grid, ood: list[str] | None = None) -> list[dict]:
         cfg = cell.member_configs(grid.base)[0]
         common = {"entry": cell.entry.name, "trained_as": cell.entry.method, "dataset": cell.dataset,
                   "seed": cell.seed, "train_seconds": bench.get("train_seconds"),
+                  "train_cpu_seconds": bench.get("train_cpu_seconds"),
                   "setup_seconds": bench.get("setup_seconds"), "max_steps": cfg.fit.max_steps,
                   "batch_size": cfg.fit.batch_size, "run_dir": str(cell.dir)}
         sources = [(cell.dataset, bench.get("rows", {}))]
@@ -66,7 +68,8 @@ def collect_rows(grid: Grid, ood: list[str] | None = None) -> list[dict]:
                 m = rows[row]
                 out.append({**common, "method": row, "eval_dataset": eval_dataset,
                             "num_samples": m.get("num_samples"), "num_examples": m.get("num_examples"),
-                            "eval_seconds": m.get("eval_seconds"), **{k: m[k] for k in METRIC_NAMES},
+                            "eval_seconds": m.get("eval_seconds"), "eval_cpu_seconds": m.get("eval_cpu_seconds"),
+                            **{k: m[k] for k in METRIC_NAMES},
                             **{k: m.get(k) for k in UNCERTAINTY_NAMES + ("ece_bins",)},
                             "confidence": _mean_confidence(cell.dir, eval_dataset, cell.dataset, row, cache),
                             **_ood_aurocs(cell.dir, cell.dataset, eval_dataset, row, cache)})
@@ -157,7 +160,8 @@ def summarize(rows: list[dict]) -> tuple[list[str], list[str], dict]:
         if col not in cols:
             cols.append(col)
         slot = cells.setdefault((r["method"], col), {k: [] for k in METRIC_NAMES + ("confidence", "train_seconds",
-                                                                                   "eval_seconds") + UNCERTAINTY_NAMES
+                                                                                   "eval_seconds", "train_cpu_seconds",
+                                                                                   "eval_cpu_seconds") + UNCERTAINTY_NAMES
                                                       + tuple(AUROC_COLUMNS.values())})
         for k in slot:
             if r.get(k) is not None:
@@ -210,14 +214,20 @@ def results_markdown(grid: Grid, rows: list[dict], skipped_ood: list[str] = ()) 
     first_rows = {e.name: next(iter(e.predict)) for e in grid.entries}
     trained = [r for r in rows if r["method"] == first_rows.get(r["entry"]) and r["eval_dataset"] == r["dataset"]]
     lines += ["## Time (seconds per cell, mean ± std over seeds)", "",
-              "Train: the fit loop of the run (ensembles: all members; one row per trained entry); eval: that "
-              "row's predictions on the evaluated split.", "", "### train", "",
-              markdown_table(trained, "train_seconds", digits=0), "",
-              "### eval", "", markdown_table(rows, "eval_seconds", digits=0), ""]
+              "Train: the fit loop of the run (ensembles: all members; one row per trained entry; a post-hoc step "
+              "on another entry's run: that step only); eval: that row's predictions on the evaluated split. "
+              "Wall seconds depend on what else ran on the machine; CPU seconds (the process, all its threads) "
+              "much less, and are the cost to compare (cells finished before they were recorded show –).", "",
+              "### train, CPU", "", markdown_table(trained, "train_cpu_seconds", digits=0), "",
+              "### eval, CPU", "", markdown_table(rows, "eval_cpu_seconds", digits=0), "",
+              "### train, wall", "", markdown_table(trained, "train_seconds", digits=0), "",
+              "### eval, wall", "", markdown_table(rows, "eval_seconds", digits=0), ""]
     lines += targets_markdown(rows)
     total = _total_seconds(rows)
-    lines += [f"Total compute of the finished cells (setup + train + eval, summed): {total:.0f} s "
-              f"({total / 3600:.2f} h).", ""]
+    cpu = _total_seconds(rows, "cpu")
+    lines += [f"Total compute of the finished cells (setup + train + eval, summed): {total:.0f} s wall "
+              f"({total / 3600:.2f} h); train + eval CPU time of the cells that recorded it: {cpu:.0f} s "
+              f"({cpu / 3600:.2f} CPU-hours).", ""]
     for msg in skipped_ood:
         lines.append(f"- {msg}")
     return "\n".join(lines).rstrip() + "\n"
@@ -300,15 +310,18 @@ def seed_key(seed: str):
     return (0, int(seed), "") if seed.lstrip("-").isdigit() else (1, 0, seed)
 
 
-def _total_seconds(rows: list[dict]) -> float:
+def _total_seconds(rows: list[dict], kind: str = "") -> float:
+    """Setup + train + eval seconds summed over the finished cells (``kind="cpu"``: train + eval CPU seconds of
+    the cells that recorded them)."""
+    train, evaluate = ("train_cpu_seconds", "eval_cpu_seconds") if kind == "cpu" else ("train_seconds", "eval_seconds")
     seen, total = set(), 0.0
     for r in rows:
         key = r["run_dir"]
         if key not in seen:
             seen.add(key)
-            total += float(r.get("train_seconds") or 0) + float(r.get("setup_seconds") or 0)
+            total += float(r.get(train) or 0) + (0.0 if kind == "cpu" else float(r.get("setup_seconds") or 0))
         if r["entry"] == r["method"] or r["trained_as"] != "ensemble":
-            total += float(r.get("eval_seconds") or 0)
+            total += float(r.get(evaluate) or 0)
     return total
 
 

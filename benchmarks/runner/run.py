@@ -1,7 +1,7 @@
 """Running a grid: every unfinished cell in order (datasets, seeds, entries), its OOD evaluations, then the report.
 
-Cells already finished are skipped (a finished cell whose settings differ from the grid's is refused, never
-silently reused); a cell interrupted mid-way is started again from scratch. One failing cell stops the grid
+Cells already finished are skipped (one whose settings differ from the grid's where its run reads them is refused,
+never silently reused); a cell interrupted mid-way is started again from scratch. One failing cell stops the grid
 with its name (``keep_going``: run the rest, then fail naming every failed cell).
 """
 

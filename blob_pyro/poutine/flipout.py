@@ -88,6 +88,11 @@ def _flip_(t: torch.Tensor, bits: torch.Tensor, shape) -> torch.Tensor:
     return t
 
 
+def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without a call where it is one already (a dispatch per call counts at small sizes)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _sign_mask(bits: torch.Tensor, shape, itype: torch.dtype, device) -> torch.Tensor:
     """Integer tensor of ``shape``: the sign bit set where the packed bit is 1, every other bit 0."""
     nbits = torch.iinfo(itype).bits
@@ -241,7 +246,7 @@ class FlipoutLinearFunction(torch.autograd.Function):
     def forward(ctx, x, loc, delta, in_bits, out_bits, in_shape, out_shape):
         noise = _flip_(F.linear(apply_signs(x, in_bits, in_shape), delta), out_bits, out_shape)
         cdt = noise.dtype  # the autocast dtype, if any: add the mean path in place, in that dtype
-        y = noise.reshape(-1, noise.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]).to(cdt), loc.to(cdt).t())
+        y = noise.reshape(-1, noise.shape[-1]).addmm_(_to(x.reshape(-1, x.shape[-1]), cdt), _to(loc, cdt).t())
         y = y.view(noise.shape)
         ctx.save_for_backward(x, loc, delta, in_bits, out_bits)
         # the bit -> element map depends on the dtype's width: backward flips in the same dtypes
@@ -253,17 +258,21 @@ class FlipoutLinearFunction(torch.autograd.Function):
         x, loc, delta, in_bits, out_bits = ctx.saved_tensors
         in_shape, out_shape, out_dtype = ctx.shapes
         cdt = grad.dtype
-        grad_s = apply_signs(grad.to(out_dtype), out_bits, out_shape).to(cdt)  # s ⊙ g
+        grad_s = _to(apply_signs(_to(grad, out_dtype), out_bits, out_shape), cdt)  # s ⊙ g
         grad_x = grad_loc = grad_delta = None
         g2 = grad.reshape(-1, grad.shape[-1])
+        itype = _INT_OF[x.element_size()]
+        # r's mask (x's width) is made once for both uses: grad_x flips (s ⊙ g) delta, grad_delta flips x
+        in_mask = _sign_mask(in_bits, in_shape, itype, x.device) if ctx.needs_input_grad[0] or ctx.needs_input_grad[2] else None
         if ctx.needs_input_grad[0]:
-            back = _flip_((grad_s @ delta.to(cdt)).to(x.dtype), in_bits, in_shape)  # r ⊙ ((s ⊙ g) delta)
-            grad_x = back.reshape(-1, back.shape[-1]).addmm_(g2.to(x.dtype), loc.to(x.dtype)).view(back.shape)
+            back = _to(grad_s @ _to(delta, cdt), x.dtype)
+            back.view(itype).bitwise_xor_(in_mask)  # r ⊙ ((s ⊙ g) delta)
+            grad_x = back.reshape(-1, back.shape[-1]).addmm_(_to(g2, x.dtype), _to(loc, x.dtype)).view(back.shape)
         if ctx.needs_input_grad[1]:
-            grad_loc = (g2.T @ x.reshape(-1, x.shape[-1]).to(cdt)).to(loc.dtype)
+            grad_loc = _to(g2.T @ _to(x.reshape(-1, x.shape[-1]), cdt), loc.dtype)
         if ctx.needs_input_grad[2]:
-            xr = apply_signs(x, in_bits, in_shape).to(cdt)
-            grad_delta = (grad_s.reshape(-1, grad.shape[-1]).T @ xr.reshape(-1, x.shape[-1])).to(delta.dtype)
+            xr = _to((x.view(itype) ^ in_mask).view(x.dtype), cdt)
+            grad_delta = _to(grad_s.reshape(-1, grad.shape[-1]).T @ xr.reshape(-1, x.shape[-1]), delta.dtype)
         return grad_x, grad_loc, grad_delta, None, None, None, None
 
 

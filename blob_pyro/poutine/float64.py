@@ -19,7 +19,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import kl_divergence, register_kl
 
-__all__ = ["Float64Density", "Float64Latents", "float64_latents", "as_float64"]
+__all__ = ["Float64Density", "Float64Latents", "float64_latents", "as_float64", "float64_copy"]
 
 
 def as_float64(d):
@@ -48,6 +48,38 @@ def as_float64(d):
     return None
 
 
+def _tensors(d) -> tuple:
+    """The tensors :func:`as_float64` reads from ``d``."""
+    while isinstance(d, (dist.Independent, dist.TransformedDistribution)):
+        d = d.base_dist
+    if isinstance(d, (dist.Normal, dist.Laplace)):
+        return d.loc, d.scale
+    if isinstance(d, dist.StudentT):
+        return d.df, d.loc, d.scale
+    if isinstance(d, dist.LowRankMultivariateNormal):
+        return d.loc, d.cov_factor, d.cov_diag
+    if isinstance(d, dist.Delta):
+        return d.v, d.log_density
+    return ()
+
+
+def float64_copy(d):
+    """:func:`as_float64` of ``d``, kept on ``d`` and handed out again while ``d``'s tensors are unchanged (same
+    tensors, same in-place versions) where reusing it builds no graph: ``d`` has no tensor that needs a gradient (a
+    prior, copied once for all steps), or gradients are off (the KL a step logs reuses the copies its ELBO made).
+    The same casts of the same values: the same float64 numbers."""
+    tensors = _tensors(d)
+    key = tuple((id(t), t._version) for t in tensors)
+    cached = d.__dict__.get("_float64_copy")
+    if (cached is not None and cached[0] == key
+            and (not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors))):
+        return cached[1]
+    wide = as_float64(d)
+    if tensors:  # keeps the tensors alive with the copy: an id in the key cannot be reused by another tensor
+        d.__dict__["_float64_copy"] = (key, wide, tensors)
+    return wide
+
+
 class Float64Density(dist.TorchDistribution):
     """Samples exactly as ``base`` (same dtype, same draws); ``log_prob`` and KL are computed in float64.
 
@@ -60,7 +92,9 @@ class Float64Density(dist.TorchDistribution):
 
     def __init__(self, base):
         self.base_dist = base
-        super().__init__(base.batch_shape, base.event_shape, validate_args=False)
+        # validation as the caller has it when the wrapper is built (it has no arguments of its own to check): a
+        # step run with validation off does not check values against a prior built, and validated, long before
+        super().__init__(base.batch_shape, base.event_shape)
 
     @property
     def has_rsample(self):
@@ -85,10 +119,10 @@ class Float64Density(dist.TorchDistribution):
         return self.base_dist.rsample(sample_shape)
 
     def log_prob(self, value):
-        wide = as_float64(self.base_dist)
+        wide = float64_copy(self.base_dist)
         if wide is None:
             return self.base_dist.log_prob(value)
-        if self.base_dist._validate_args:  # what the float64 copy would check, checked once on the original
+        if self._validate_args and self.base_dist._validate_args:  # what the float64 copy would check, on the original
             self.base_dist._validate_sample(value)
         return wide.log_prob(value.double())
 
@@ -98,7 +132,7 @@ class Float64Density(dist.TorchDistribution):
 
 @register_kl(Float64Density, Float64Density)
 def _kl_float64(p, q):
-    wp, wq = as_float64(p.base_dist), as_float64(q.base_dist)
+    wp, wq = float64_copy(p.base_dist), float64_copy(q.base_dist)
     if wp is None or wq is None:
         return kl_divergence(p.base_dist, q.base_dist)
     return kl_divergence(wp, wq)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from benchmarks.runner import cells as runner_cells
 from benchmarks.runner.cells import ensemble_average, run_cell
 from benchmarks.runner.cli import main
-from benchmarks.runner.files import PREDICTIONS, check_finished
+from benchmarks.runner.files import PREDICTIONS, check_finished, differences
 from benchmarks.runner.grid import Entry, Grid, cells_of, load_grid
 from benchmarks.runner.report import CSV_COLUMNS, markdown_table, targets_markdown
 from benchmarks.runner.run import run_grid
@@ -55,11 +55,14 @@ def test_runner_writes_results_table_and_plots(smoke):
         assert (r["dataset"], r["eval_dataset"], r["seed"], r["num_examples"]) == ("winogrande_s", "winogrande_s", "1", "6")
         for key in ("accuracy", "ece", "nll", "brier", "train_seconds", "eval_seconds"):
             assert float(r[key]) >= 0, key
+        # CPU seconds: recorded per row, positive (a fit and a prediction did run) and finite
+        assert 0 < float(r["train_cpu_seconds"]) < 1e5 and 0 < float(r["eval_cpu_seconds"]) < 1e5
     assert [r["num_samples"] for r in rows] == ["0", "2", "0"]
     assert rows[1]["run_dir"] == rows[2]["run_dir"]  # blob and blob_mean: one trained run, two predictions
     md = (report / "results.md").read_text()
     for title in ("ACC (%)", "ECE (%)", "NLL", "Brier", "Time"):
         assert f"## {title}" in md
+    assert "### train, CPU" in md and "CPU-hours" in md
     assert "| method | winogrande_s |" in md and "| blob_mean |" in md
     acc = 100 * float(rows[0]["accuracy"])
     assert f"| mle | {acc:.2f} (1 seed) |" in md  # one seed: no std to show
@@ -158,6 +161,49 @@ def test_a_run_folder_with_a_flat_config_json_is_still_finished(smoke, capsys):
         assert "lr: 0.5 -> " in capsys.readouterr().err
     finally:
         path.write_text(nested)
+
+
+@pytest.mark.data
+def test_a_finished_cell_differing_only_in_what_it_never_read_is_reused(smoke, capsys):
+    """A changed default of a setting a method never reads (eps for mle's point estimate) reruns nothing; the same
+    change for blob, which reads it, is still refused."""
+    config, out, data_dir = smoke
+    runs = out / "runs" / "winogrande_s"
+    saved = {m: (runs / m / "seed1" / "config.json").read_text() for m in ("mle", "blob")}
+
+    def store(method, **settings):
+        stored = json.loads(saved[method])
+        stored["config"]["bayes"].update(settings)
+        (runs / method / "seed1" / "config.json").write_text(json.dumps(stored))
+
+    try:
+        store("mle", eps=0.05, std_param="softplus", guide_rank=5)
+        assert _run(config, out, data_dir) == 0
+        err = capsys.readouterr().err
+        assert "[1/2] mle | winogrande_s | seed 1: finished earlier, skipped" in err
+        assert "[2/2] blob | winogrande_s | seed 1: finished earlier, skipped" in err
+        store("blob", eps=0.05)
+        assert _run(config, out, data_dir) == 2
+        err = capsys.readouterr().err
+        assert "[1/2] mle | winogrande_s | seed 1: finished earlier, skipped" in err and "Traceback" not in err
+        line = err.strip().splitlines()[-1]  # the error: one line
+        assert "blob | winogrande_s | seed 1" in line and "finished with other settings (eps: 0.05 -> 0.2)" in line
+    finally:
+        for method, text in saved.items():
+            (runs / method / "seed1" / "config.json").write_text(text)
+
+
+def test_differences_leave_out_the_settings_neither_run_reads():
+    from blob_pyro.config import RunConfig
+
+    def cfg(**settings):
+        return RunConfig.from_dict({"max_steps": 2, **settings}).resolve()
+
+    assert differences(cfg(method="mle", eps=0.05, scale_lr=0.1), cfg(method="mle")) == []
+    assert differences(cfg(method="blob", eps=0.05), cfg(method="blob")) == ["eps: 0.05 -> 0.2"]
+    # read by one of the two: compared (here the guide differs as well)
+    assert "eps: 0.05 -> 0.2" in differences(cfg(method="blob", eps=0.05), cfg(method="map"))
+    assert differences(cfg(method="mle", max_steps=3), cfg(method="mle")) == ["max_steps: 3 -> 2"]
 
 
 @pytest.mark.data

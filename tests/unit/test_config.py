@@ -2,8 +2,10 @@
 
 import dataclasses
 import json
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from blob_pyro.config import (
     SECTIONS,
@@ -16,7 +18,11 @@ from blob_pyro.config import (
     RuntimeConfig,
     read_config_file,
 )
+from blob_pyro.infer import fit
 from blob_pyro.methods import METHODS
+from blob_pyro.predictive import predict
+
+from .tiny import store_snapshot, tiny_examples, tiny_run
 
 
 def _one_line(excinfo) -> str:
@@ -187,3 +193,153 @@ def test_flat_settings_flattens_sections_and_refuses_unknown_names():
     with pytest.raises(ConfigError, match="max_stepz"):
         RunConfig.flat_settings({"fit": {"max_stepz": 3}})
     assert RunConfig.from_dict({"method": "laplace", "from_run": "runs/map"}).resolve().from_run == "runs/map"
+
+
+# ---- the settings a run does not read --------------------------------------------------------------------------
+_POINT = {"eps", "std_param", "guide_rank", "scale_lr"}  # what a point estimate (auto_delta) leaves unread
+_DEFAULT = {"prior_df", "cloze_norm"}  # unread under the default prior (normal) and head (auto)
+
+
+@pytest.mark.parametrize("settings, unread", [
+    ({"method": "mle"}, _POINT | _DEFAULT | {"gamma", "kl_cycle", "kl_lr"}),
+    ({"method": "map"}, _POINT | _DEFAULT | {"gamma", "kl_cycle", "kl_multiplier", "kl_lr"}),
+    ({"method": "blob"}, _DEFAULT | {"guide_rank", "kl_multiplier", "kl_lr"}),
+    ({"method": "blob", "kl_schedule": "fixed"}, _DEFAULT | {"guide_rank", "gamma", "kl_cycle", "kl_lr"}),
+    ({"method": "blob", "kl_cycle": 50}, _DEFAULT | {"guide_rank", "gamma", "kl_multiplier", "kl_lr"}),
+    ({"method": "blob", "guide": "lowrank"}, _DEFAULT | {"kl_multiplier", "kl_lr"}),
+    ({"method": "blob", "preset": "paper"}, _DEFAULT | {"guide_rank", "kl_multiplier", "scale_lr", "elbo",
+                                                        "num_particles", "weight_decay"}),
+    ({"method": "bbb"}, _DEFAULT | {"std_param", "guide_rank", "gamma", "kl_cycle", "kl_multiplier", "kl_lr"}),
+    ({"method": "blob", "prior": "student_t", "head": "cloze"}, {"guide_rank", "kl_multiplier", "kl_lr"}),
+])
+def test_unread_settings_of_resolved_configs(settings, unread):
+    assert RunConfig.from_dict(settings).resolve().unread_settings() == unread
+    assert unread <= set(RunConfig.fields())
+
+
+def test_unread_settings_needs_a_resolved_config():
+    with pytest.raises(ValueError, match="resolve"):
+        RunConfig.from_dict({"method": "mle"}).unread_settings()
+
+
+def test_the_unread_rules_know_every_choice_they_test():
+    """UNREAD_WHEN's conditions name guides, KL schedules, objectives, priors and heads: a new one must be placed."""
+    from blob_pyro.backbone import CAUSAL, ENCODER_HEADS, head_kind_for
+    from blob_pyro.config import OBJECTIVES, UNREAD_WHEN
+    from blob_pyro.guides import GUIDES
+    from blob_pyro.heads import HEADS
+    from blob_pyro.kl import KL_SCHEDULES
+    from blob_pyro.priors import PRIORS
+
+    assert set(GUIDES) == {"blob", "lowrank", "auto_normal", "auto_delta"}
+    assert set(KL_SCHEDULES) == {"blob", "standard", "fixed"} and set(OBJECTIVES) == {"elbo", "paper"}
+    assert set(PRIORS) == {"normal", "laplace", "student_t"}
+    assert set(HEADS) == {"causal_lm", "cloze", "multiple_choice", "sequence_classification"}
+    # head=auto never means cloze, so cloze_norm is unread under it
+    assert {head_kind_for(SimpleNamespace(model_type=t)) for t in ("bert", "llama", "gpt2")} == {CAUSAL, ENCODER_HEADS[0]}
+    assert all(name in RunConfig.fields() for rule in UNREAD_WHEN for name in rule.settings)
+
+
+def _outputs(settings: dict):
+    """What a 3-step run of ``settings`` on the tiny network produces: its resolved config, every param-store
+    tensor, the predictive probabilities and draws' logits, and the training log (bar the wall clock)."""
+    cfg = RunConfig.from_dict({"lr": 3e-2, "max_steps": 3, "batch_size": 4, "seed": 1, "num_samples": 2,
+                               **settings}).resolve()
+    run = tiny_run(cfg, num_data=8)
+    examples = tiny_examples(8, seed=3)
+    log = fit(run.model, run.guide, examples, cfg.fit, progress=False)
+    params = store_snapshot()
+    torch.manual_seed(5)
+    pred = predict(run.model, run.guide, examples, num_samples=2, keep_draws=True, progress=False)
+    return cfg, params, (pred.probs, pred.logits), [{k: v for k, v in r.items() if k != "seconds"} for r in log]
+
+
+def _same(a, b) -> bool:
+    (_, pa, (qa, la), loga), (_, pb, (qb, lb), logb) = a, b
+    return (pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa) and torch.equal(qa, qb)
+            and torch.equal(la, lb) and loga == logb)
+
+
+# (setting, two values, the settings under which it is unread / read)
+_UNREAD = [
+    ("guide_rank", 1, 3, {"method": "blob"}),
+    ("guide_rank", 1, 3, {"method": "bbb"}),
+    ("eps", 0.05, 0.3, {"method": "mle"}),
+    ("eps", 0.05, 0.3, {"method": "map"}),
+    ("std_param", "square", "softplus", {"method": "bbb"}),
+    ("std_param", "square", "softplus", {"method": "mcdropout"}),
+    ("scale_lr", 1e-3, 0.2, {"method": "mle"}),
+    ("scale_lr", 1e-3, 0.2, {"preset": "paper"}),
+    ("elbo", "trace", "meanfield", {"preset": "paper"}),
+    ("num_particles", 1, 3, {"preset": "paper"}),
+    ("weight_decay", 0.0, 0.5, {"preset": "paper"}),
+    ("kl_lr", 1e-3, 0.5, {"method": "blob"}),
+    ("gamma", 8.0, 2.0, {"method": "map"}),
+    ("gamma", 8.0, 2.0, {"method": "blob", "kl_cycle": 2}),
+    ("kl_multiplier", 0.5, 3.0, {"method": "blob"}),
+    ("kl_multiplier", 0.5, 3.0, {"method": "map"}),
+    ("prior_df", 3.0, 30.0, {"method": "blob", "prior": "laplace", "kl_schedule": "standard"}),
+]
+_READ = [
+    ("guide_rank", 1, 3, {"guide": "lowrank"}),
+    ("eps", 0.05, 0.3, {"method": "blob"}),
+    ("eps", 0.05, 0.3, {"method": "bbb"}),
+    ("std_param", "square", "softplus", {"method": "blob"}),
+    ("scale_lr", 1e-3, 0.2, {"method": "blob"}),
+    ("elbo", "trace", "meanfield", {"method": "blob", "kl_schedule": "standard"}),
+    ("num_particles", 1, 3, {"method": "blob"}),
+    ("weight_decay", 0.0, 0.5, {"method": "mle"}),
+    ("kl_lr", 1e-3, 0.5, {"preset": "paper"}),
+    ("gamma", 8.0, 2.0, {"method": "blob"}),  # the cycle M, so the logged KL weight
+    ("kl_cycle", 2, 3, {"method": "blob"}),
+    ("kl_multiplier", 0.5, 3.0, {"method": "blob", "kl_schedule": "fixed"}),
+    ("prior_df", 3.0, 30.0, {"method": "blob", "prior": "student_t", "kl_schedule": "standard"}),
+]
+
+
+@pytest.mark.parametrize("name, a, b, settings", _UNREAD, ids=[f"{n}-{s}" for n, _, _, s in _UNREAD])
+def test_an_unread_setting_changes_nothing_the_run_produces(name, a, b, settings):
+    first, second = _outputs({**settings, name: a}), _outputs({**settings, name: b})
+    assert name in first[0].unread_settings() and name in second[0].unread_settings()
+    assert first[0].get(name) != second[0].get(name)
+    assert _same(first, second)
+
+
+@pytest.mark.parametrize("name, a, b, settings", _READ, ids=[f"{n}-{s}" for n, _, _, s in _READ])
+def test_a_read_setting_changes_what_the_run_produces(name, a, b, settings):
+    first, second = _outputs({**settings, name: a}), _outputs({**settings, name: b})
+    assert name not in first[0].unread_settings() | second[0].unread_settings()
+    assert not _same(first, second)
+
+
+def test_kl_cycle_has_no_second_value_where_it_is_unread():
+    assert "kl_cycle" in RunConfig.from_dict({"method": "map"}).resolve().unread_settings()
+    with pytest.raises(ConfigError, match="kl_cycle"):  # so a stored and a wanted config cannot differ in it there
+        RunConfig.from_dict({"method": "map", "kl_cycle": 2}).resolve()
+
+
+def test_the_prior_of_a_point_estimate_without_kl_is_read_by_its_logged_kl():
+    """mle trains at KL weight 0, so its parameters ignore the prior, but its log records -log p(point): the prior
+    is listed as read (a cell whose log would differ is not reused)."""
+    first, second = _outputs({"method": "mle", "prior_scale": 0.1}), _outputs({"method": "mle", "prior_scale": 1.0})
+    assert "prior_scale" not in first[0].unread_settings() and "prior" not in first[0].unread_settings()
+    assert all(torch.equal(first[1][k], second[1][k]) for k in first[1]) and torch.equal(first[2][0], second[2][0])
+    assert [r["kl"] for r in first[3]] != [r["kl"] for r in second[3]]
+    assert [r["loss"] for r in first[3]] == [r["loss"] for r in second[3]]
+
+
+@pytest.mark.parametrize("kind", ["causal_lm", "multiple_choice", "sequence_classification", "cloze"])
+def test_cloze_norm_is_read_by_the_cloze_head_alone(kind):
+    """training._make_head passes cloze_norm to ClozeHead only: every other head is the same under any norm."""
+    from blob_pyro.training import _make_head
+
+    from .test_heads import TinyCausalLM, _examples
+    from .tiny import word_tokenizer
+
+    heads = [_make_head(kind, word_tokenizer(), 5, ("A", "B"), 32, norm) for norm in ("none", "chars")]
+    unread = "cloze_norm" in RunConfig.from_dict({"head": kind}).resolve().unread_settings()
+    assert unread == (kind != "cloze")
+    assert (heads[0].to_config() == heads[1].to_config()) == unread
+    if kind in ("causal_lm", "cloze"):  # the same network's scores
+        scores = [h.logits(TinyCausalLM(), h.collate(_examples(counts=(5, 5)))) for h in heads]
+        assert torch.equal(*scores) == unread

@@ -201,3 +201,15 @@ def test_blob_guide_sets_up_lazily_on_any_pyro_model():
     draw = guide()
     assert draw["w"].shape == (3, 2) and guide.site_names == ["w"]
     assert torch.equal(guide.median()["w"], guide.loc.w.detach())  # the mean starts at the traced value
+
+
+def test_blob_guide_reads_its_parameters_through_a_cache_that_follows_a_new_tree():
+    from blob_pyro.guides import _Spec, deep_getattr
+
+    model = tiny_model("B")
+    guide = make_guide("blob", model)
+    name = model.sites[0].name
+    assert guide._param("loc", name) is deep_getattr(guide.loc, name)
+    guide._setup([_Spec(s.name, tuple(s.shape), torch.ones(s.shape)) for s in model.sites])  # a new tree
+    assert guide._param("loc", name) is deep_getattr(guide.loc, name)
+    assert torch.equal(guide._param("loc", name), torch.ones(model.sites[0].shape))

@@ -100,3 +100,54 @@ def test_bad_arguments_are_refused():
         BlobModel(net, TinyHead(), flipout="layer")
     with pytest.raises(ValueError, match="inject_lora"):
         BlobModel(TinyNet(), TinyHead())
+
+
+# ---- the network's registration: pyro.module's statements, the walk cached ---------------------------
+def _param_sites(fn):
+    trace = poutine.trace(fn).get_trace()
+    return [(n, s["value"]) for n, s in trace.nodes.items() if s["type"] == "param"]
+
+
+def test_module_registration_makes_pyro_modules_param_statements():
+    import pyro
+
+    from blob_pyro.model import ModuleRegistration
+
+    model = tiny_model("B")
+    register = ModuleRegistration("network", model.network)
+    expected = _param_sites(lambda: pyro.module("network", model.network, update_module_params=True))
+    for _ in range(2):  # the first call walks the tree, the second reads the walk it kept
+        got = _param_sites(register)
+        assert [n for n, _ in got] == [n for n, _ in expected] and all(a is b for (_, a), (_, b) in zip(got, expected))
+    assert any(n.endswith("classifier.modules_to_save.default.weight") for n, _ in got)
+
+
+def test_module_registration_sees_a_changed_tree_and_the_param_stores_tensors():
+    import pyro
+
+    from blob_pyro.model import ModuleRegistration
+
+    model = tiny_model("B")
+    net = model.network
+    register = ModuleRegistration("network", net)
+    register()
+    names = lambda: [n for n, _ in _param_sites(register)]  # noqa: E731
+    frozen = next(p for n, p in net.named_parameters() if n.endswith("layers.0.proj.base_layer.bias"))
+    frozen.requires_grad_(True)  # unfrozen after the walk: registered from the next call on
+    assert any(n.endswith("layers.0.proj.base_layer.bias") for n in names())
+    frozen.requires_grad_(False)
+    assert not any(n.endswith("layers.0.proj.base_layer.bias") for n in names())
+    head = next(m for n, m in net.named_modules() if n.endswith("classifier.modules_to_save"))
+    head["default"] = torch.nn.Linear(8, 2)  # a new head module: its parameters are the ones registered
+    sites = dict(_param_sites(register))
+    new_weight = next(v for n, v in sites.items() if n.endswith("classifier.modules_to_save.default.weight"))
+    assert new_weight is head["default"].weight
+    # a param store holding another tensor under a name: the module takes it, as pyro.module does
+    name = next(n for n in sites if n.endswith("classifier.modules_to_save.default.bias"))
+    with pyro.get_param_store().scope():
+        other = torch.nn.Parameter(torch.full((2,), 7.0))
+        pyro.param(name, other)
+        register()
+        assert head["default"].bias is other
+    pyro.module("network", net, update_module_params=True)  # back to the outer store's tensor, as before
+    assert register() is net and head["default"].bias is not other

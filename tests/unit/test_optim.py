@@ -157,3 +157,57 @@ def test_a_plain_pyro_guide_without_scales_registers_too():
     guide = make_guide("auto_delta", model_fn)
     params = register_parameters(Wrapped, guide)
     assert "AutoDelta.w" in params and "network$$$weight" in params
+
+
+def _own_run(seed: int):
+    """A model and guide with their own values: network from ``seed``, guide means set to ``seed``-dependent
+    numbers; the param store is cleared afterwards, as load_run leaves it."""
+    from blob_pyro.guides import make_guide
+
+    from .tiny import tiny_model
+
+    pyro.clear_param_store()
+    model = tiny_model("B", seed=seed)
+    guide = make_guide("blob", model)
+    with torch.no_grad():
+        guide()
+        for name, p in guide.named_parameters():
+            if "loc" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
+    pyro.clear_param_store()
+    return model, guide
+
+
+def test_two_runs_in_one_process_never_predict_with_each_others_values():
+    """Both runs name their parameters alike; a call used to take the param store's (the other run's) values and
+    write them into its modules. Prediction and diagnostics now run each on its own."""
+    from blob_pyro.arviz_io import joint_draws
+    from blob_pyro.diagnostics import log_importance_ratios
+    from blob_pyro.predictive import predict
+
+    from .tiny import tiny_examples
+
+    examples = tiny_examples(6)
+    a, b = _own_run(1), _own_run(2)
+
+    def probs(run):
+        return predict(*run, examples, num_samples=0, progress=False).probs
+
+    def draws(run):
+        return torch.stack([logits for _, logits in joint_draws(*run, examples, num_samples=2, seed=0)])
+
+    def ratios(run):
+        return log_importance_ratios(*run, [run[0].head.collate(examples)], num_samples=3, seed=0)["log_ratio"]
+
+    alone = {}
+    for name, run in (("a", a), ("b", b)):  # each on its own, in an empty store
+        pyro.clear_param_store()
+        alone[name] = (probs(run), draws(run), ratios(run))
+    assert not torch.allclose(alone["a"][0], alone["b"][0])  # the check can fail: the runs differ
+    pyro.clear_param_store()
+    for first, second in (("a", "b"), ("b", "a"), ("a", "b")):  # interleaved in one store, both orders
+        for name in (first, second):
+            run = {"a": a, "b": b}[name]
+            assert torch.equal(probs(run), alone[name][0])
+            assert torch.equal(draws(run), alone[name][1])
+            assert (ratios(run) == alone[name][2]).all()

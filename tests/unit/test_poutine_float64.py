@@ -117,3 +117,29 @@ def test_a_value_outside_the_support_is_refused_as_before_though_the_float64_cop
     assert positive.log_prob(torch.ones(3)).dtype == torch.float32  # a family as_float64 does not know: its own
     wide = as_float64(dist.Normal(torch.zeros(2), torch.ones(2)))
     assert wide.loc.dtype == torch.float64 and not wide._validate_args
+
+
+def test_float64_copy_of_a_constant_prior_is_made_once_and_again_after_an_in_place_change():
+    from blob_pyro.poutine.float64 import float64_copy
+
+    prior = dist.Normal(torch.zeros(3), torch.ones(3)).to_event(1)
+    first = float64_copy(prior)
+    assert float64_copy(prior) is first and first.base_dist.loc.dtype == torch.float64
+    with torch.no_grad():
+        prior.base_dist.loc.add_(1.0)  # the same tensor, changed in place: a new copy
+    again = float64_copy(prior)
+    assert again is not first and torch.equal(again.base_dist.loc, torch.ones(3, dtype=torch.float64))
+
+
+def test_float64_copy_of_trained_parameters_is_reused_only_without_gradients():
+    from blob_pyro.poutine.float64 import float64_copy
+
+    loc = torch.zeros(3, requires_grad=True)
+    q = dist.Normal(loc, torch.ones(3))
+    first = float64_copy(q)
+    first.log_prob(torch.zeros(3, dtype=torch.float64)).sum().backward()  # the copy's graph is used up
+    second = float64_copy(q)  # with gradients on: a fresh copy, so a second backward pass works
+    assert second is not first
+    second.log_prob(torch.zeros(3, dtype=torch.float64)).sum().backward()
+    with torch.no_grad():
+        assert float64_copy(q) is second  # the logged KL reuses the step's copy

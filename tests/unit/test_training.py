@@ -203,3 +203,26 @@ def test_read_run_config_resolves_and_refuses_what_it_cannot_use(tmp_path):
     (run / "config.json").write_text(json.dumps({"config": {"lr": "fast"}}))
     with pytest.raises(RunError, match="lr"):
         read_run_config(run)
+
+
+def test_a_post_hoc_run_may_differ_from_its_source_in_what_neither_reads(tmp_path):
+    """check_from_run compares what the source trained, but not eps of its point estimate (a changed default)."""
+    from blob_pyro.errors import ConfigError
+    from blob_pyro.training import check_from_run
+
+    source = tmp_path / "mle"
+    (source / "adapter").mkdir(parents=True)
+    (source / "adapter" / "adapter_config.json").write_text("{}")
+    (source / "metrics.json").write_text("{}")
+
+    def write(**settings):
+        stored = RunConfig.from_dict({"method": "mle", "max_steps": 3, **settings}).resolve()
+        (source / "config.json").write_text(json.dumps({"config": stored.to_dict(), "versions": {}}))
+
+    cfg = RunConfig.from_dict({"method": "laplace", "from_run": str(source), "max_steps": 3}).resolve()
+    write(eps=0.05, std_param="softplus")
+    check_from_run(cfg)  # neither the mle source nor laplace's point estimate reads them
+    write(eps=0.05, lr=0.5)
+    with pytest.raises(ConfigError) as err:
+        check_from_run(cfg)
+    assert "lr=0.5 there" in str(err.value) and "eps" not in str(err.value) and "\n" not in str(err.value)
