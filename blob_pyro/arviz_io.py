@@ -199,16 +199,20 @@ def _linearised_draws(model, guide, batches, num_samples, seed, cuda, progress):
     from pyro import poutine
 
     from .laplace_glm import jacobians, linearised_logits
+    from .optim import own_params
 
-    with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(seed)
-        traces = [poutine.trace(guide).get_trace(batches[0]) for _ in range(num_samples)]
-    values = [{n: trace.nodes[n]["value"].detach() for n in guide.laplace_names} for trace in traces]
+    first = batches[0]
     if progress:
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, desc=f"linearised draws (S={num_samples})", dynamic_ncols=True, leave=False)
-    logits = torch.cat([linearised_logits(*jacobians(model, guide, b), guide, values).float() for b in batches], dim=1)
+    with own_params():  # every draw is made before the first yield, so one scope holds no caller code
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(seed)
+            traces = [poutine.trace(guide).get_trace(first) for _ in range(num_samples)]
+        values = [{n: trace.nodes[n]["value"].detach() for n in guide.laplace_names} for trace in traces]
+        logits = torch.cat([linearised_logits(*jacobians(model, guide, b), guide, values).float() for b in batches],
+                           dim=1)
     yield from zip(traces, logits)
 
 
