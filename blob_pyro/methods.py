@@ -18,7 +18,13 @@ from dataclasses import dataclass, field
 
 from .errors import ConfigError
 
-__all__ = ["Method", "METHODS", "PRESETS", "OWN_SETTINGS", "FROM_RUN_SOURCES", "apply_method", "BBB_INIT_SCALE"]
+__all__ = ["Method", "METHODS", "PRESETS", "OWN_SETTINGS", "FROM_RUN_SOURCES", "apply_method", "BBB_INIT_SCALE", "LAPLACE_SAMPLES"]
+
+LAPLACE_SAMPLES = {"glm": 1000, "sample": 10}
+"""Default ``num_samples`` of ``method=laplace`` per predictive. A glm draw is a Gaussian draw of K logits, free once
+J Σ Jᵀ is computed; its logit variance is large (Laplace keeps most directions near the prior's width), so the
+average of the softmax over draws needs many of them for its Monte Carlo error to stop costing accuracy and NLL
+(docs/methods.md). A ``sample`` draw is a pass of the network, as for every other method."""
 
 BBB_INIT_SCALE = 0.1
 """Initial std of every AutoNormal scale for ``method=bbb`` (Pyro's AutoNormal default); the guide's initial
@@ -65,8 +71,7 @@ METHODS = {
                                  "factors, delta tuned by the marginal likelihood (blob_pyro.laplace)",
                       requires={"guide": "auto_delta", "bayesian_factor": "both", "kl_schedule": "standard",
                                 "prior": "normal"},
-                      defaults={"num_samples": 10, "laplace_hessian": "diag", "laplace_subset": "all",
-                                "laplace_predictive": "glm"}),
+                      defaults={"laplace_hessian": "diag", "laplace_subset": "all", "laplace_predictive": "glm"}),
 }
 
 OWN_SETTINGS = {"ensemble_size": "ensemble", "calibration_fraction": "temperature", "tfb_threshold": "tfb",
@@ -143,6 +148,8 @@ def apply_method(flat: dict, method: str, preset: str | None = None) -> dict:
                           f"got calibration_fraction={out['calibration_fraction']}")
     if method == "tfb":
         _check_tfb(out)
+    if method == "laplace" and out.get("num_samples") is None:
+        out["num_samples"] = LAPLACE_SAMPLES.get(out["laplace_predictive"])  # an unknown predictive is refused later
     if method == "mcdropout" and not out.get("lora_dropout"):
         raise ConfigError("method=mcdropout needs lora_dropout > 0; got lora_dropout=0")
     if out.get("objective") == "paper" and out.get("guide") not in (None, "blob"):

@@ -51,7 +51,7 @@ def test_method_laplace_resolves_to_map_plus_its_own_settings_and_refuses_confli
     cfg = RunConfig.from_dict({"method": "laplace"}).resolve()
     assert (cfg.bayes.guide, cfg.bayes.bayesian_factor, cfg.fit.kl_schedule, cfg.bayes.prior) == \
         ("auto_delta", "both", "standard", "normal")
-    assert (cfg.predict.num_samples, cfg.laplace_hessian, cfg.laplace_subset) == (10, "diag", "all")
+    assert (cfg.predict.num_samples, cfg.laplace_hessian, cfg.laplace_subset) == (1000, "diag", "all")
     with pytest.raises(ConfigError) as err:  # no MAP point: a BLoB guide
         RunConfig.from_dict({"method": "laplace", "guide": "blob"}).resolve()
     assert str(err.value) == "method=laplace implies guide=auto_delta; got guide=blob (drop one of them)"

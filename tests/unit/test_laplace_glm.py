@@ -230,6 +230,17 @@ def test_laplace_predictive_is_a_setting_of_method_laplace_only():
         LaplaceGuide(model, {s.name: torch.zeros(s.shape) for s in model.sites}, predictive="mc")
 
 
+def test_laplace_draws_by_default_as_many_samples_as_its_predictive_needs():
+    from blob_pyro.methods import LAPLACE_SAMPLES
+
+    def samples(**kw):
+        return RunConfig.from_dict({"method": "laplace", **kw}).resolve().predict.num_samples
+
+    assert samples() == LAPLACE_SAMPLES["glm"] == 1000  # logit draws: free once J Sigma J^T is known
+    assert samples(laplace_predictive="sample") == LAPLACE_SAMPLES["sample"] == 10  # network passes
+    assert samples(num_samples=7) == samples(laplace_predictive="sample", num_samples=7) == 7  # explicit wins
+
+
 def test_evaluate_refuses_laplace_predictive_for_another_method_in_one_line(tmp_path, capsys):
     from blob_pyro.cli import main
 

@@ -52,7 +52,7 @@ def _one_line(excinfo) -> str:
     ("ensemble", "auto_delta", "B", ("fixed", 0.0), 0, 0.0, 0.2),
     ("temperature", "auto_delta", "B", ("fixed", 0.0), 0, 0.0, 0.2),
     ("tfb", "auto_delta", "A", ("fixed", 0.0), 10, 0.0, 0.2),
-    ("laplace", "auto_delta", "both", ("standard", 1.0), 10, 0.0, 0.2),
+    ("laplace", "auto_delta", "both", ("standard", 1.0), 1000, 0.0, 0.2),
 ])
 def test_every_method_resolves_to_its_settings(method, guide, factor, kl, samples, dropout, eps):
     cfg = _resolve(method=method)

@@ -1,0 +1,40 @@
+"""The small measurement scripts in benchmarks/ refuse bad input with one line and exit status 2, writing nothing."""
+
+import json
+
+import pytest
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_zero_shot_refuses_an_unknown_dataset_and_a_missing_grid(tmp_path, capsys):
+    from benchmarks.zero_shot import main
+
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps({"name": "g", "base": {"model": "minilm"}, "methods": ["mle"],
+                                "datasets": ["arc_easy"], "seeds": [1]}))
+    out = tmp_path / "out.json"
+    assert main([str(grid), "--dataset", "nosuch", "--out", str(out)]) == 2
+    assert _one_line(capsys).startswith("zero_shot.py: unknown dataset 'nosuch'")
+    assert main([str(tmp_path / "absent.json"), "--dataset", "arc_easy", "--out", str(out)]) == 2
+    assert "absent.json" in _one_line(capsys)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("method", [None, "mle"])
+def test_laplace_glm_samples_refuses_a_folder_that_is_not_a_laplace_run(tmp_path, capsys, method):
+    from benchmarks.laplace_glm_samples import main
+    from blob_pyro.config import RunConfig
+
+    run = tmp_path / "run"
+    if method:
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps(RunConfig.from_dict({"method": method}).resolve().to_dict()))
+    out = tmp_path / "out.json"
+    assert main(["--run", str(run), "--out", str(out)]) == 2
+    assert ("is not a method=laplace run" if method else "does not exist") in _one_line(capsys)
+    assert not out.exists()
