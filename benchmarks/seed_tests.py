@@ -40,6 +40,21 @@ def two_sided_p(t: float, df: float) -> float:
     return float(2 * student_t.sf(abs(t), df))
 
 
+def one_sided_p(a: list[float], b: list[float], alternative: str) -> float:
+    """Welch's one-sided p of the alternative mean(a) < mean(b) (``"less"``) or mean(a) > mean(b) (``"greater"``):
+    small when the seeds support it. nan with fewer than 2 values on a side or no variance on either."""
+    if alternative not in ("less", "greater"):
+        raise ValueError(f"alternative must be 'less' or 'greater', got {alternative!r}")
+    if min(len(a), len(b)) < 2:
+        return math.nan
+    t, df = welch(a, b)
+    if math.isnan(t):
+        return math.nan
+    from scipy.stats import t as student_t
+
+    return float(student_t.cdf(t, df) if alternative == "less" else student_t.sf(t, df))
+
+
 def fail(msg: str) -> int:
     print(f"seed_tests.py: error: {msg}", file=sys.stderr)
     return 2

@@ -263,10 +263,14 @@ def targets_markdown(rows: list[dict]) -> list[str]:
     """The issue's targets per in-distribution dataset, from the seed means of ``mle``, ``blob``, ``blob_mean``.
 
     BLoB (N=10) ECE at most half of MLE's; BLoB accuracy at most 1 point below MLE's; BLoB NLL below MLE's;
-    ECE ordering MLE > BLoB N=0 > BLoB N=10. The means are over the seeds that all three rows have (a paired
-    comparison), and a note names the seeds left out when a half-done grid has more for some row. Empty when
-    the three rows share no seed.
+    ECE ordering MLE > BLoB N=0 > BLoB N=10; beside them MLE's over-confidence (mean confidence − accuracy). The
+    means are over the seeds that all three rows have, and a note names the seeds left out when a half-done grid
+    has more for some row. A second table gives, per target, Welch's one-sided p over those seeds that it holds
+    (:func:`benchmarks.seed_tests.one_sided_p`; "–" with fewer than two seeds). Empty when the three rows share
+    no seed.
     """
+    from benchmarks.seed_tests import one_sided_p
+
     need = ("mle", "blob", "blob_mean")
     multi = len({r["dataset"] for r in rows}) > 1
     by: dict = {}  # column -> method -> seed -> row
@@ -289,21 +293,40 @@ def targets_markdown(rows: list[dict]) -> list[str]:
     def mark(ok):
         return "yes" if ok else "**no**"
 
+    def fmt_p(p):
+        return "–" if p != p else f"{p:.3f}"
+
     lines = ["## Targets (seed means)", "",
              "| dataset | ECE blob / mle | ≤ ½? | ACC blob − mle (pt) | ≥ −1? | NLL blob − mle | < 0? | "
-             "ECE mle > blob_mean > blob? |", "|---|---|---|---|---|---|---|---|"]
+             "ECE mle > blob_mean > blob? | mle confidence − accuracy (pt) |", "|---|---|---|---|---|---|---|---|---|"]
+    p_lines = ["Welch's one-sided p over the seeds that each target holds (small: the seeds support it; with three "
+               "seeds a side, p < 0.05 needs t beyond about 2.1):", "",
+               "| dataset | seeds | ECE blob < ½ mle | ACC blob > mle − 1 pt | NLL blob < mle | ECE mle > blob_mean | "
+               "ECE blob_mean > blob |", "|---|---|---|---|---|---|---|"]
     for col, methods, seeds in table:
-        def mean(method, metric, methods=methods, seeds=seeds):
-            return statistics.fmean(float(methods[method][s][metric]) for s in seeds)
+        def values(method, metric, methods=methods, seeds=seeds):
+            return [float(methods[method][s][metric]) for s in seeds]
+
+        def mean(method, metric):
+            return statistics.fmean(values(method, metric))
 
         e_mle, e_n0, e_b = (mean(m, "ece") for m in ("mle", "blob_mean", "blob"))
         ratio = e_b / e_mle if e_mle > 0 else float("inf")
         dacc = 100 * (mean("blob", "accuracy") - mean("mle", "accuracy"))
         dnll = mean("blob", "nll") - mean("mle", "nll")
+        conf = [methods["mle"][s].get("confidence") for s in seeds]
+        over = (f"{100 * (statistics.fmean(float(c) for c in conf) - mean('mle', 'accuracy')):+.1f}"
+                if all(c not in (None, "") for c in conf) else "–")
         lines.append(f"| {col} | {100 * e_b:.2f} / {100 * e_mle:.2f} = {ratio:.2f} | {mark(ratio <= 0.5)} | "
                      f"{dacc:+.2f} | {mark(dacc >= -1 - 1e-9)} | {dnll:+.4f} | {mark(dnll < 0)} | "
-                     f"{100 * e_mle:.2f} > {100 * e_n0:.2f} > {100 * e_b:.2f}: {mark(e_mle > e_n0 > e_b)} |")
-    return lines + ([""] + notes if notes else []) + [""]
+                     f"{100 * e_mle:.2f} > {100 * e_n0:.2f} > {100 * e_b:.2f}: {mark(e_mle > e_n0 > e_b)} | {over} |")
+        ps = [one_sided_p(values("blob", "ece"), [e / 2 for e in values("mle", "ece")], "less"),
+              one_sided_p(values("blob", "accuracy"), [a - 0.01 for a in values("mle", "accuracy")], "greater"),
+              one_sided_p(values("blob", "nll"), values("mle", "nll"), "less"),
+              one_sided_p(values("mle", "ece"), values("blob_mean", "ece"), "greater"),
+              one_sided_p(values("blob_mean", "ece"), values("blob", "ece"), "greater")]
+        p_lines.append(f"| {col} | {len(seeds)} | " + " | ".join(fmt_p(p) for p in ps) + " |")
+    return lines + ([""] + notes if notes else []) + [""] + p_lines + [""]
 
 
 def seed_key(seed: str):

@@ -392,12 +392,26 @@ def test_targets_table_reads_the_seed_means():
             row("blob", 1, 0.70, 0.06, 0.7), row("blob", 2, 0.70, 0.08, 0.7),     # 0.07 <= 0.075; acc -1.0 pt
             row("blob_mean", 1, 0.71, 0.10, 0.75), row("blob_mean", 2, 0.71, 0.12, 0.75)]
     lines = targets_markdown(rows)
-    assert lines[0] == "## Targets (seed means)" and len(lines) == 6
+    assert lines[0] == "## Targets (seed means)" and len(lines) == 12
     cells = [c.strip() for c in lines[4].split("|")[1:-1]]
     assert cells[0] == "d" and cells[1] == "7.00 / 15.00 = 0.47" and cells[2] == "yes"
     assert cells[3] == "-1.00" and cells[4] == "yes"
     assert cells[5] == "-0.1500" and cells[6] == "yes"
     assert cells[7] == "15.00 > 11.00 > 7.00: yes"
+    assert cells[8] == "-21.0"  # mle's mean confidence 0.5 against its accuracy 0.71
+    # Welch's one-sided p per target, against scipy's unequal-variance t-test
+    from scipy.stats import ttest_ind
+
+    def p(a, b, alternative):
+        return f"{ttest_ind(a, b, equal_var=False, alternative=alternative).pvalue:.3f}"
+
+    ps = [c.strip() for c in lines[10].split("|")[1:-1]]
+    assert ps[:2] == ["d", "2"]
+    assert ps[2] == p([0.06, 0.08], [0.10, 0.05], "less")
+    assert ps[3] == p([0.70, 0.70], [0.69, 0.71], "greater")
+    assert ps[4] == p([0.7, 0.7], [0.9, 0.8], "less")
+    assert ps[5] == p([0.20, 0.10], [0.10, 0.12], "greater")
+    assert ps[6] == p([0.10, 0.12], [0.06, 0.08], "greater")
     rows[2]["ece"] = 0.09  # blob ECE mean 0.085: more than half of 0.15
     cells = [c.strip() for c in targets_markdown(rows)[4].split("|")[1:-1]]
     assert cells[1] == "8.50 / 15.00 = 0.57" and cells[2] == "**no**"
@@ -407,6 +421,8 @@ def test_targets_table_reads_the_seed_means():
     cells = [c.strip() for c in lines[4].split("|")[1:-1]]
     assert cells[1] == "8.50 / 15.00 = 0.57" and cells[3] == "-1.00"
     assert "- d: seeds 1, 2 (those all three rows have); left out: 3." in lines
+    one = targets_markdown([r for r in rows if r["seed"] == 1])  # one seed: means, but no t
+    assert [c.strip() for c in one[10].split("|")[1:-1]] == ["d", "1", "–", "–", "–", "–", "–"]
 
 
 def test_markdown_table_marks_cells_with_fewer_seeds():
