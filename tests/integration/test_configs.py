@@ -43,10 +43,11 @@ def test_main_protocol_is_one_budget_in_the_over_fitting_regime(tmp_path):
         (300, 8, 400, 2e-3, None)}  # one budget for every row; evaluated on dev, not on a held-out slice
     blob = next(e for e in grid.entries if e.name == "blob")
     assert blob.predict == {"blob": None, "blob_mean": 0}  # BLoB N=10 and N=0 from one run
-    # the post-hoc rows start from the mle cells (no second training), Laplace with KFAC as Laplace-LoRA
+    # the post-hoc rows start from the mle cells (no second training), Laplace with KFAC as Laplace-LoRA and its
+    # linearised predictive's 1000 logit draws (the base's 10 would be Monte Carlo noise, docs/methods.md)
     by_name = {e.name: e for e in grid.entries}
     assert by_name["laplace"].source == by_name["tfb"].source == "mle"
-    assert by_name["laplace"].overrides == {"laplace_hessian": "kfac"}
+    assert by_name["laplace"].overrides == {"laplace_hessian": "kfac", "num_samples": 1000}
     cell = next(c for c in cells_of(grid) if c.entry.name == "laplace")
     assert cell.member_configs(grid.base)[0].from_run == str(cell.dir.parent.parent / "mle" / cell.dir.name)
 
