@@ -7,15 +7,22 @@
                                              (written last: a cell with metrics.json is finished and skipped)
     runs/<dataset>/<entry>/seed<k>/member<j>/     ensemble members (each a run folder)
     runs/.../ood/<eval dataset>.json|.safetensors  OOD evaluations of that run
+    runs/<dataset>/<entry>/.seed<k>.lock     while a runner works on the cell: its pid and host
 
 Every file is written atomically (:mod:`blob_pyro.io`), so runner processes sharing an output folder never
-read half of one.
+read half of one. A cell is worked on by one process at a time (:func:`cell_lock`): a second runner started on
+the same grid, say for other seeds, skips a cell the first holds instead of deleting its half-written folder
+as an interrupted one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import socket
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -26,7 +33,7 @@ from blob_pyro.io import atomic_save_safetensors, atomic_write_text
 from .grid import BenchError, Cell
 
 __all__ = ["PREDICTIONS", "METRICS", "RUNTIME_KEYS", "write_json", "save_predictions", "load_predictions",
-           "predictions_path", "differences", "check_finished", "clear_unfinished", "is_finished", "is_complete"]
+           "predictions_path", "differences", "check_finished", "clear_unfinished", "is_finished", "is_complete", "CellBusy", "cell_lock"]
 
 PREDICTIONS = "predictions.safetensors"
 METRICS = "metrics.json"
@@ -91,6 +98,57 @@ def check_finished(label: str, run_dir: Path, cfg: RunConfig) -> None:
     if diff:
         raise BenchError(f"{label}: {run_dir} finished with other settings ({'; '.join(diff[:3])}); delete it "
                          f"or use another output_dir")
+
+
+class CellBusy(BenchError):
+    """Another live runner process holds the cell's lock."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def cell_lock(cell: Cell):
+    """Hold ``cell``'s lock file (beside its folder, which an interrupted cell's restart deletes) while the body runs.
+
+    Raises :class:`CellBusy` when a live process on this host holds it. A lock left by a process that no longer
+    runs (killed, machine restarted) is taken over; one from another host is trusted, since its process cannot
+    be checked from here. The lock is removed on the way out, whatever happened in the body.
+    """
+    path = cell.dir.parent / f".{cell.dir.name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+            except (OSError, ValueError):  # vanished or half-written between the two calls: try again
+                holder = None
+            if holder is not None and (holder.get("host") != me["host"] or _alive(int(holder.get("pid", -1)))):
+                raise CellBusy(f"being run by another runner (pid {holder.get('pid')} on {holder.get('host')}; "
+                               f"lock {path})") from None
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(me))
+        break
+    else:
+        raise CellBusy(f"could not take the lock {path}")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def clear_unfinished(label: str, run_dir: Path) -> None:

@@ -1,7 +1,8 @@
 """Running a grid: every unfinished cell in order (datasets, seeds, entries), its OOD evaluations, then the report.
 
 Cells already finished are skipped (one whose settings differ from the grid's where its run reads them is refused,
-never silently reused); a cell interrupted mid-way is started again from scratch. One failing cell stops the grid
+never silently reused); a cell interrupted mid-way is started again from scratch; a cell another live runner holds
+(its lock, :func:`~benchmarks.runner.files.cell_lock`) is skipped, so several runners can share one grid. One failing cell stops the grid
 with its name (``keep_going``: run the rest, then fail naming every failed cell).
 """
 
@@ -15,7 +16,7 @@ import time
 from blob_pyro.errors import BlobPyroError
 
 from .cells import available_ood, run_cell, run_ood, say
-from .files import check_finished, is_complete, is_finished, write_json
+from .files import CellBusy, cell_lock, check_finished, is_complete, is_finished, write_json
 from .grid import BenchError, Cell, Grid, cells_of
 from .report import collect_rows, report, write_csv
 
@@ -50,17 +51,24 @@ def run_grid(grid: Grid, *, progress: bool = True, keep_going: bool = False, who
     t_grid = time.perf_counter()
     for i, cell in enumerate(cells, 1):
         tag = f"[{i}/{len(cells)}] {cell.label}"
-        done = is_finished(cell)
         if is_complete(cell, ood):
             _check_cell(cell, grid)
             say(f"{tag}: finished earlier, skipped")
             continue
-        say(f"{tag}: {'OOD evaluation' if done else 'training'} -> {cell.dir}")
         t0 = time.perf_counter()
         try:
-            metrics = run_cell(cell, grid, progress=progress)
-            if ood:
-                run_ood(cell, grid, ood, progress=progress)
+            with cell_lock(cell):
+                if is_complete(cell, ood):  # another runner finished it since the check above
+                    _check_cell(cell, grid)
+                    say(f"{tag}: finished by another runner, skipped")
+                    continue
+                say(f"{tag}: {'OOD evaluation' if is_finished(cell) else 'training'} -> {cell.dir}")
+                metrics = run_cell(cell, grid, progress=progress)
+                if ood:
+                    run_ood(cell, grid, ood, progress=progress)
+        except CellBusy as busy:
+            say(f"{tag}: {busy}, skipped")
+            continue
         except KeyboardInterrupt:
             say(f"{tag}: interrupted; run the same command again to continue (this cell starts afresh)")
             raise

@@ -141,6 +141,36 @@ def test_second_invocation_skips_finished_cells_and_redoes_a_half_done_one(smoke
 
 
 @pytest.mark.data
+def test_a_cell_another_live_runner_holds_is_skipped_and_a_stale_lock_is_taken_over(smoke, monkeypatch, capsys):
+    import os
+    import socket
+    import subprocess
+
+    config, out, data_dir = smoke
+    blob = out / "runs" / "winogrande_s" / "blob" / "seed1"
+    lock = blob.parent / ".seed1.lock"
+    (blob / "metrics.json").unlink()  # half done: a runner without the lock would delete the folder and retrain
+    marker = blob / "being_written_by_the_other_runner"
+    marker.write_text("")
+    trained = []
+    real = runner_cells.train_member
+    monkeypatch.setattr(runner_cells, "train_member",
+                        lambda cfg, d, rows, **kw: trained.append(cfg.method) or real(cfg, d, rows, **kw))
+    host = socket.gethostname()
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": host}))  # a live process holds it
+    assert _run(config, out, data_dir) == 0
+    assert trained == [] and marker.is_file() and lock.is_file()
+    assert f"[2/2] blob | winogrande_s | seed 1: being run by another runner (pid {os.getpid()} on {host}" \
+        in capsys.readouterr().err
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    lock.write_text(json.dumps({"pid": gone.pid, "host": host}))  # its process has ended: stale
+    assert _run(config, out, data_dir) == 0
+    assert trained == ["blob"] and not marker.exists() and not lock.exists()
+    assert (blob / "metrics.json").is_file()
+
+
+@pytest.mark.data
 def test_a_run_folder_with_a_flat_config_json_is_still_finished(smoke, capsys):
     """Folders the runner wrote before the nested RunConfig hold flat config.json files: still recognised."""
     config, out, data_dir = smoke
