@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 from .errors import ConfigError
 
-__all__ = ["Method", "METHODS", "PRESETS", "OWN_SETTINGS", "FROM_RUN_SOURCES", "apply_method", "BBB_INIT_SCALE", "LAPLACE_SAMPLES"]
+__all__ = ["Method", "METHODS", "PRESETS", "OWN_SETTINGS", "FROM_RUN_SOURCES", "apply_method", "BBB_INIT_SCALE",
+           "LAPLACE_SAMPLES"]
 
 LAPLACE_SAMPLES = {"glm": 1000, "sample": 10}
 """Default ``num_samples`` of ``method=laplace`` per predictive. A glm draw is a Gaussian draw of K logits, free once

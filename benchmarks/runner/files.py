@@ -33,7 +33,8 @@ from blob_pyro.io import atomic_save_safetensors, atomic_write_text
 from .grid import BenchError, Cell
 
 __all__ = ["PREDICTIONS", "METRICS", "RUNTIME_KEYS", "write_json", "save_predictions", "load_predictions",
-           "predictions_path", "differences", "check_finished", "clear_unfinished", "is_finished", "is_complete", "CellBusy", "cell_lock"]
+           "predictions_path", "differences", "check_finished", "clear_unfinished", "is_finished", "is_complete",
+           "CellBusy", "cell_lock"]
 
 PREDICTIONS = "predictions.safetensors"
 METRICS = "metrics.json"
