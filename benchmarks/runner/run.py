@@ -1,4 +1,5 @@
 """Running a grid: every unfinished cell in order (datasets, seeds, entries), its OOD evaluations, then the report.
+
 Cells already finished are skipped (one whose settings differ from the grid's where its run reads them is refused,
 never silently reused); a cell interrupted mid-way is started again from scratch; a cell another live runner holds
 (its lock, :func:`~benchmarks.runner.files.cell_lock`) is skipped, so several runners can share one grid. One
