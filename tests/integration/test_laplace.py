@@ -17,12 +17,17 @@ from blob_pyro.training import evaluate, load_run
 from .test_cli import data_folder
 
 
+def _train_winogrande(data, out, *extra):
+    """A 3-step MiniLM laplace run on the small WinoGrande folder (``extra``: its Laplace and prediction flags)."""
+    assert main(["train", "--model", "minilm", "--dataset", "winogrande_s", "--data-dir", str(data),
+                 "--max-length", "32", "--batch-size", "4", "--max-steps", "3", "--lr", "0.05", "--seed", "1",
+                 "--method", "laplace", *extra, "--output-dir", str(out), "--quiet"]) == 0
+
+
 def test_laplace_run_fits_its_posterior_after_the_map_and_round_trips(tmp_path):
     data = data_folder(tmp_path)
     out = tmp_path / "run"
-    assert main(["train", "--model", "minilm", "--dataset", "winogrande_s", "--data-dir", str(data),
-                 "--max-length", "32", "--batch-size", "4", "--max-steps", "3", "--lr", "0.05", "--seed", "1",
-                 "--method", "laplace", "--num-samples", "3", "--output-dir", str(out), "--quiet"]) == 0
+    _train_winogrande(data, out, "--num-samples", "3")
     record = json.loads((out / LAPLACE_FILE).read_text())
     assert (record["hessian"], record["subset"], record["num_examples"]) == ("diag", "all", 8)
     assert record["prior_precision"] > 0 and record["marglik"] >= record["marglik_at_map_prior"]
@@ -64,10 +69,7 @@ def test_laplace_on_arc_easy_last_layer(tmp_path):
 def test_laplace_kfac_on_minilm_gives_a_positive_definite_posterior_that_moves_the_predictions(tmp_path):
     data = data_folder(tmp_path)
     out = tmp_path / "run"
-    assert main(["train", "--model", "minilm", "--dataset", "winogrande_s", "--data-dir", str(data),
-                 "--max-length", "32", "--batch-size", "4", "--max-steps", "3", "--lr", "0.05", "--seed", "1",
-                 "--method", "laplace", "--laplace-hessian", "kfac", "--num-samples", "3", "--output-dir", str(out),
-                 "--quiet"]) == 0
+    _train_winogrande(data, out, "--laplace-hessian", "kfac", "--num-samples", "3")
     record = json.loads((out / LAPLACE_FILE).read_text())
     assert (record["hessian"], record["num_examples"]) == ("kfac", 8)
     assert record["prior_precision"] > 0 and record["marglik"] >= record["marglik_at_map_prior"]
@@ -98,10 +100,7 @@ def test_laplace_kfac_on_minilm_gives_a_positive_definite_posterior_that_moves_t
 def test_laplace_glm_on_minilm_predicts_in_logit_space_and_a_saved_run_evaluates_the_same(tmp_path, capsys):
     data = data_folder(tmp_path)
     out = tmp_path / "run"
-    assert main(["train", "--model", "minilm", "--dataset", "winogrande_s", "--data-dir", str(data),
-                 "--max-length", "32", "--batch-size", "4", "--max-steps", "3", "--lr", "0.05", "--seed", "1",
-                 "--method", "laplace", "--laplace-hessian", "kfac", "--num-samples", "4", "--output-dir", str(out),
-                 "--quiet"]) == 0
+    _train_winogrande(data, out, "--laplace-hessian", "kfac", "--num-samples", "4")
     record = json.loads((out / LAPLACE_FILE).read_text())
     metrics = json.loads((out / "metrics.json").read_text())
     assert record["predictive"] == metrics["laplace_predictive"] == "glm"  # the default, as Laplace-LoRA

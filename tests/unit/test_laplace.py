@@ -33,7 +33,7 @@ from blob_pyro.predictive import predict
 from blob_pyro.priors import NormalPrior
 from blob_pyro.training import _read_laplace, guide_state, post_fit, save_run
 
-from .tiny import IN, TinyHead, TinyNet, features, tiny_examples, tiny_run
+from .tiny import IN, MeanLinear, TinyHead, TinyNet, features, tiny_examples, tiny_run
 
 pyro.enable_validation(True)
 
@@ -70,21 +70,11 @@ def test_fit_laplace_refuses_a_guide_without_a_map_point():
     assert "needs a MAP point" in str(err.value) and "\n" not in str(err.value)
 
 
-class _Linear(torch.nn.Module):
-    """logits = W · mean_t(x): one LoRA-adapted Linear, so J is closed-form."""
-
-    def __init__(self):
-        super().__init__()
-        self.config = {"model_type": "custom"}
-        self.proj = torch.nn.Linear(IN, 3, bias=False)
-
-    def forward(self, x):
-        return self.proj(x).mean(1)
 
 
 def test_the_diagonal_ggn_of_a_lora_linear_model_matches_the_hand_computation():
     torch.manual_seed(0)
-    net = inject_lora(_Linear(), ["proj"], r=2, lora_alpha=4.0)
+    net = inject_lora(MeanLinear(), ["proj"], r=2, lora_alpha=4.0)
     model = BlobModel(net, TinyHead(3), bayesian_factor="both", num_data=12, prior=NormalPrior(0.2), flipout=None)
     point = {"proj.lora_A": 0.3 * torch.randn(2, IN), "proj.lora_B": 0.4 * torch.randn(3, 2)}
     examples = tiny_examples(12, num_classes=3, seed=2)
@@ -302,7 +292,7 @@ def _one_lora_layer(base: torch.nn.Module, head, num_data: int):
 
 
 def test_kfac_expand_over_tokens_matches_the_hand_computation_whatever_the_batch_size():
-    net, model, point = _one_lora_layer(_Linear(), TinyHead(3), 12)
+    net, model, point = _one_lora_layer(MeanLinear(), TinyHead(3), 12)
     examples = tiny_examples(12, num_classes=3, seed=2)
     factors, loglik, positions = kfac(model, point, model.sites, examples, batch_size=5)
     # by hand: f = mean_t (W0 x_t + s B A x_t); the output gradient of direction l_c at token t is s l_c / T for B

@@ -19,7 +19,7 @@ from blob_pyro.model import BlobModel
 from blob_pyro.predictive import posterior_logits, predict
 from blob_pyro.training import Run, metrics_of, post_fit, predict_split, save_run
 
-from .tiny import IN, TinyHead, tiny_examples, tiny_run
+from .tiny import MeanLinear, TinyHead, tiny_examples, tiny_run
 
 pyro.enable_validation(True)
 
@@ -85,22 +85,12 @@ def test_the_logit_covariance_is_the_brute_force_j_sigma_jt(hessian, subset):
         assert torch.allclose(mean, run.model.head.logits(run.model.network, batch))  # the mean is the MAP's
 
 
-class _Linear(torch.nn.Module):
-    """logits = (W0 + s B A) · mean_t(x): with B the only Laplace site, linear in the Laplace parameters."""
-
-    def __init__(self):
-        super().__init__()
-        self.config = {"model_type": "custom"}
-        self.proj = torch.nn.Linear(IN, 3, bias=False)
-
-    def forward(self, x):
-        return self.proj(x).mean(1)
 
 
 def _linear_guide(hessian: str):
-    """A factor-B model of :class:`_Linear` and a LaplaceGuide over B with a random (not fitted) precision."""
+    """A factor-B model of :class:`MeanLinear` and a LaplaceGuide over B with a random (not fitted) precision."""
     torch.manual_seed(0)
-    net = inject_lora(_Linear(), ["proj"], r=2, lora_alpha=4.0)
+    net = inject_lora(MeanLinear(), ["proj"], r=2, lora_alpha=4.0)
     net.base_model.model.proj.lora_A["default"].weight.data.normal_(0, 0.5)
     model = BlobModel(net, TinyHead(3), bayesian_factor="B", num_data=8, flipout=None)
     (site,) = model.sites

@@ -54,6 +54,18 @@ class TinyNet(torch.nn.Module):
         return self.classifier(x.mean(1))
 
 
+class MeanLinear(torch.nn.Module):
+    """logits = W · mean_t(x): one Linear (``proj``, IN -> 3) to put LoRA on, so Jacobians are closed-form."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = {"model_type": "custom"}
+        self.proj = torch.nn.Linear(IN, 3, bias=False)
+
+    def forward(self, x):
+        return self.proj(x).mean(1)
+
+
 def features(example: Example) -> torch.Tensor:
     """(T, 6) features of one example: seeded by its index, the label's coordinate raised by 2."""
     x = torch.randn(TOKENS, IN, generator=torch.Generator().manual_seed(1000 + example.index))
