@@ -132,6 +132,7 @@ COMMITTED = [
     ("cpu_long_arcc_fp32", "long_budget_cpu.json", ["--set", "bf16=false", "--datasets", "arc_challenge"]),
     ("cpu_long_wg_fp32", "long_budget_cpu.json", ["--set", "bf16=false", "--datasets", "winogrande_s"]),
     ("cpu_ood_long_fp32", "ood_long_cpu.json", ["--set", "bf16=false"]),
+    ("smollm2_cloze", "smollm2_cloze.json", []),
 ]
 
 
