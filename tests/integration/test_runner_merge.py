@@ -133,6 +133,7 @@ COMMITTED = [
     ("cpu_long_wg_fp32", "long_budget_cpu.json", ["--set", "bf16=false", "--datasets", "winogrande_s"]),
     ("cpu_ood_long_fp32", "ood_long_cpu.json", ["--set", "bf16=false"]),
     ("smollm2_cloze", "smollm2_cloze.json", []),
+    ("main_cpu", "main_cpu.json", []),
 ]
 
 
