@@ -63,15 +63,13 @@ def main(argv=None) -> int:
     f, cov, y = torch.cat(means), torch.cat(covs), torch.cat(labels)
     out = {"run": str(args.run), "num_examples": len(y), "jacobian_cpu_seconds": time.process_time() - start}
     present = torch.isfinite(f)
-    root = laplace_glm._root(cov)
     gen = torch.Generator(device=f.device).manual_seed(args.seed)
 
     def scores(probs):
         return {k: float(v) for k, v in compute_metrics(probs.float(), y).items()}
 
     for s in SAMPLES:
-        noise = torch.randn(s, *f.shape, dtype=torch.float64, generator=gen, device=f.device)
-        draws = torch.where(present, f + torch.einsum("bkl,sbl->sbk", root, noise), f)
+        draws = laplace_glm.sample_logits(f, cov, s, generator=gen)
         out[f"S={s}"] = scores(torch.softmax(draws, -1).mean(0))
     var = torch.diagonal(cov, dim1=-2, dim2=-1)
     out["probit"] = scores(torch.softmax(torch.where(present, f / torch.sqrt(1 + math.pi / 8 * var), f), -1))

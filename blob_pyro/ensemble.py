@@ -28,10 +28,11 @@ import torch
 
 from .config import RunConfig
 from .errors import BlobPyroError, ConfigError, RunError
+from .optim import own_params
 from .training import PREDICTIONS
 
 __all__ = ["ENSEMBLE_SEED_STRIDE", "member_seed", "member_configs", "member_dirs", "ensemble_average",
-           "predict_members", "member_scope", "train_ensemble", "load_ensemble", "ensemble_draws", "PREDICTIONS"]
+           "predict_members", "train_ensemble", "load_ensemble", "ensemble_draws", "PREDICTIONS"]
 
 ENSEMBLE_SEED_STRIDE = 1000
 
@@ -63,13 +64,6 @@ def ensemble_average(probs: list, logits: list | None = None) -> tuple:
     return p, torch.softmax(mean_logits, dim=-1)
 
 
-def member_scope():
-    """:func:`blob_pyro.optim.own_params`: each member's calls on its own parameters (the members name theirs alike)."""
-    from .optim import own_params
-
-    return own_params()
-
-
 def predict_members(members: list, data, *, num_samples: int | None = None, batch_size: int | None = None,
                     sample_batched: bool | None = None, progress: bool = True):
     """A :class:`~blob_pyro.predictive.Prediction` of the ensemble: probs (N, C) the members' mean, logits
@@ -82,7 +76,7 @@ def predict_members(members: list, data, *, num_samples: int | None = None, batc
         kw = m.config.predict.kwargs()
         kw.update({k: v for k, v in (("num_samples", num_samples), ("batch_size", batch_size),
                                      ("sample_batched", sample_batched)) if v is not None})
-        with member_scope():
+        with own_params():  # the members name their parameters alike
             out = predict(m.model, m.guide, examples, **kw, keep_draws=True, progress=progress,
                           autocast_dtype=m.config.runtime.autocast_dtype())
         labels = out.labels if labels is None else labels
@@ -105,7 +99,7 @@ def load_ensemble(run_dir, *, dataset: str | None = None, data_dir: str | None =
                            f"blob-pyro train --resume {run_dir}")
     members = []
     for d in dirs:
-        with member_scope():
+        with own_params():  # the members name their parameters alike
             members.append(load_run(d, device=device, trust_remote_code=trust_remote_code))
     eval_split = None
     if dataset is not None or data_dir is not None:

@@ -30,7 +30,7 @@ import torch
 
 from .laplace import _tree_get, example_jacobian
 
-__all__ = ["jacobians", "logit_covariance", "logit_moments", "glm_logits", "linearised_logits"]
+__all__ = ["jacobians", "logit_covariance", "logit_moments", "sample_logits", "glm_logits", "linearised_logits"]
 
 
 def _one(batch: dict, i: int) -> dict:
@@ -108,15 +108,21 @@ def _root(cov: torch.Tensor) -> torch.Tensor:
     return vectors * values.clamp_min(0).sqrt().unsqueeze(-2)
 
 
+def sample_logits(f: torch.Tensor, cov: torch.Tensor, num_samples: int, *, generator=None) -> torch.Tensor:
+    """(S, B, K) draws f + R ε of N(f, cov) (``f`` (B, K), ``cov`` (B, K, K), R Rᵀ = cov), in ``f``'s dtype;
+    absent options (f = −inf) stay −inf. ``generator``: torch's global one by default."""
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1 for draws, got {num_samples}")
+    noise = torch.randn(num_samples, *f.shape, dtype=torch.float64, device=f.device, generator=generator)
+    draws = f.double() + torch.einsum("bkl,sbl->sbk", _root(cov), noise)
+    return torch.where(torch.isfinite(f), draws, f.double()).to(f.dtype)
+
+
 def glm_logits(model, guide, batch: dict, *, num_samples: int) -> torch.Tensor:
     """(S, B, K) draws of the GLM predictive's logits (torch's global generator); absent options stay −inf."""
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1 for draws, got {num_samples}")
-    f, cov = logit_moments(model, guide, batch)
-    root = _root(cov)
-    noise = torch.randn(num_samples, *f.shape, dtype=torch.float64, device=f.device)  # (S, B, K)
-    draws = f.double() + torch.einsum("bkl,sbl->sbk", root, noise)
-    return torch.where(torch.isfinite(f), draws, f.double()).to(f.dtype)
+    return sample_logits(*logit_moments(model, guide, batch), num_samples)
 
 
 def linearised_logits(f: torch.Tensor, jac: torch.Tensor, guide, draws: list) -> torch.Tensor:

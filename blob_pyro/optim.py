@@ -39,7 +39,6 @@ def warmup_linear(max_steps: int, warmup_ratio: float = 0.06) -> Callable[[int],
     return factor
 
 
-@torch.no_grad()
 def own_params():
     """A context in which Pyro's param store starts empty and is restored afterwards.
 
@@ -54,6 +53,7 @@ def own_params():
     return pyro.get_param_store().scope()
 
 
+@torch.no_grad()
 def register_parameters(model, guide) -> dict[str, torch.Tensor]:
     """Put every trainable parameter of ``model`` and ``guide`` in Pyro's param store; returns them by name.
 

@@ -22,6 +22,22 @@ from torch.distributions import kl_divergence, register_kl
 __all__ = ["Float64Density", "Float64Latents", "float64_latents", "as_float64", "float64_copy"]
 
 
+_FAMILIES = ((dist.Normal, ("loc", "scale")), (dist.Laplace, ("loc", "scale")), (dist.StudentT, ("df", "loc", "scale")),
+             (dist.LowRankMultivariateNormal, ("loc", "cov_factor", "cov_diag")), (dist.Delta, ("v", "log_density")))
+"""The families :func:`as_float64` copies, each with its parameter tensors in constructor order."""
+
+
+def _family(d) -> tuple:
+    """(family, the parameter tensors :func:`as_float64` casts) of ``d`` under its Independent/Transformed
+    wrappers, or (None, ())."""
+    while isinstance(d, (dist.Independent, dist.TransformedDistribution)):
+        d = d.base_dist
+    for family, names in _FAMILIES:
+        if isinstance(d, family):
+            return family, tuple(getattr(d, n) for n in names)
+    return None, ()
+
+
 def as_float64(d):
     """``d`` with float64 parameters (same family), or None for a family not handled here.
 
@@ -34,33 +50,11 @@ def as_float64(d):
     if isinstance(d, dist.TransformedDistribution):
         inner = as_float64(d.base_dist)
         return None if inner is None else dist.TransformedDistribution(inner, d.transforms, validate_args=False)
-    if isinstance(d, dist.Normal):
-        return dist.Normal(d.loc.double(), d.scale.double(), validate_args=False)
-    if isinstance(d, dist.Laplace):
-        return dist.Laplace(d.loc.double(), d.scale.double(), validate_args=False)
-    if isinstance(d, dist.StudentT):
-        return dist.StudentT(d.df.double(), d.loc.double(), d.scale.double(), validate_args=False)
-    if isinstance(d, dist.LowRankMultivariateNormal):
-        return dist.LowRankMultivariateNormal(d.loc.double(), d.cov_factor.double(), d.cov_diag.double(),
-                                              validate_args=False)
-    if isinstance(d, dist.Delta):
-        return dist.Delta(d.v.double(), d.log_density.double(), event_dim=d.event_dim, validate_args=False)
-    return None
-
-
-def _tensors(d) -> tuple:
-    """The tensors :func:`as_float64` reads from ``d``."""
-    while isinstance(d, (dist.Independent, dist.TransformedDistribution)):
-        d = d.base_dist
-    if isinstance(d, (dist.Normal, dist.Laplace)):
-        return d.loc, d.scale
-    if isinstance(d, dist.StudentT):
-        return d.df, d.loc, d.scale
-    if isinstance(d, dist.LowRankMultivariateNormal):
-        return d.loc, d.cov_factor, d.cov_diag
-    if isinstance(d, dist.Delta):
-        return d.v, d.log_density
-    return ()
+    family, tensors = _family(d)
+    if family is None:
+        return None
+    extra = {"event_dim": d.event_dim} if family is dist.Delta else {}
+    return family(*(t.double() for t in tensors), validate_args=False, **extra)
 
 
 def float64_copy(d):
@@ -68,7 +62,7 @@ def float64_copy(d):
     tensors, same in-place versions) where reusing it builds no graph: ``d`` has no tensor that needs a gradient (a
     prior, copied once for all steps), or gradients are off (the KL a step logs reuses the copies its ELBO made).
     The same casts of the same values: the same float64 numbers."""
-    tensors = _tensors(d)
+    tensors = _family(d)[1]
     key = tuple((id(t), t._version) for t in tensors)
     cached = d.__dict__.get("_float64_copy")
     if (cached is not None and cached[0] == key

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from blob_pyro.cli import main
-from blob_pyro.ensemble import member_scope
+from blob_pyro.optim import own_params
 from blob_pyro.predictive import predict
 from blob_pyro.training import evaluate, load_run
 
@@ -33,7 +33,7 @@ def test_the_run_folder_holds_k_distinct_members_and_their_average(ensemble_run)
     assert all((out / f"member{j}" / "metrics.json").is_file() for j in range(2))
     members = []
     for j in range(2):  # each member in its own Pyro param store (their parameter names are the same)
-        with member_scope():
+        with own_params():
             members.append(load_run(out / f"member{j}"))
     assert all(m.config.method == "mle" for m in members)
     ens = load_run(out)
@@ -41,7 +41,7 @@ def test_the_run_folder_holds_k_distinct_members_and_their_average(ensemble_run)
     data = load_run(out / "member0", data_dir=cfg["data_dir"]).eval
     own = []
     for m in members:
-        with member_scope():
+        with own_params():
             own.append(predict(m.model, m.guide, data, num_samples=0, progress=False).probs)
     assert not torch.allclose(own[0], own[1])  # distinct members
     saved = load_file(str(out / "predictions.safetensors"))

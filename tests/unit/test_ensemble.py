@@ -12,12 +12,12 @@ from blob_pyro.ensemble import (
     ensemble_draws,
     member_configs,
     member_dirs,
-    member_scope,
     member_seed,
     predict_members,
 )
 from blob_pyro.errors import ConfigError
 from blob_pyro.infer import fit
+from blob_pyro.optim import own_params
 from blob_pyro.predictive import predict
 
 from .tiny import tiny_examples, tiny_run
@@ -56,7 +56,7 @@ def _members(k=3):
     cfg = RunConfig.from_dict({"method": "ensemble", "ensemble_size": k, "lr": 5e-2, "max_steps": 5, "batch_size": 4})
     runs = []
     for mcfg in member_configs(cfg):
-        with member_scope():
+        with own_params():
             run = tiny_run(mcfg, num_data=16)
             fit(run.model, run.guide, tiny_examples(16, seed=4), run.config.fit, progress=False)
         runs.append(run)
@@ -64,7 +64,7 @@ def _members(k=3):
 
 
 def _own(member, data):
-    with member_scope():
+    with own_params():
         return predict(member.model, member.guide, data, num_samples=0, keep_draws=True, progress=False)
 
 
