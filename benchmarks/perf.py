@@ -550,8 +550,29 @@ def section_predict(args, log, ctx) -> dict:
     return out
 
 
+def op_counts(fn, *, warmup: int = 3) -> dict:
+    """Operators one call of ``fn`` dispatches: ``ops``, the aten calls made from Python (not those inside
+    other aten calls), and ``scalar_reads``, those that read a value back to Python (``aten::item`` and
+    ``aten::_local_scalar_dense``: a host sync each when the tensor lives on a GPU).
+
+    Counts do not depend on the machine's load, unlike times: at B=1, T=16 each operator costs a few
+    microseconds of dispatch on a CPU and a kernel launch on a GPU, so the count is the fixed cost's floor.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warmup):
+        fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    top = [e for e in prof.events() if e.name.startswith("aten::")
+           and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+    reads = sum(e.name in ("aten::item", "aten::_local_scalar_dense") for e in top)
+    return {"ops": len(top), "scalar_reads": reads}
+
+
 def section_overhead(args, log, ctx) -> dict:
-    """The fixed cost per step of every configuration where the network costs almost nothing (B=1, T=16)."""
+    """The fixed cost per step of every configuration where the network costs almost nothing (B=1, T=16), and
+    (in a plain run, not ``--compare-src``) the operators each step dispatches."""
     batch_size, seq_len = OVERHEAD_SIZE
     times, clocks = ctx.measure("overhead", {}, repeats=max(args.repeats, 7), warmup=args.warmup)
     ms = {k: med_ms(v) for k, v in times.items()}
@@ -562,6 +583,13 @@ def section_overhead(args, log, ctx) -> dict:
     out = {"batch": batch_size, "seq_len": seq_len, "median_ms": ms, "clock": CLOCK["name"], **clocks,
            "pyro_ms_blob": diff("blob", "blob_torch"), "pyro_ms_mle": diff("mle", "lora_torch")}
     log(f"overhead B={batch_size} T={seq_len}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items()))
+    if isinstance(ctx, Local):
+        fns = FNS["overhead"](args)
+        out["ops_per_step"] = {k: op_counts(fn) for k, fn in fns.items()}
+        del fns
+        gc.collect()
+        log("operators per step: " + ", ".join(f"{k} {c['ops']} ({c['scalar_reads']} reads)"
+                                                for k, c in out["ops_per_step"].items()))
     return out
 
 
@@ -1013,6 +1041,13 @@ def markdown(results: dict) -> str:
                   f"| {m['lora_torch']:.1f} | {m['mle']:.1f} | {m['blob']:.1f} | "
                   + (f"{m['paper']:.1f} | " if paper else "")
                   + f"{m['blob_torch']:.1f} | {over['pyro_ms_blob']:.1f} | {over['pyro_ms_mle']:.1f} |", ""]
+        ops = over.get("ops_per_step")
+        if ops:
+            lines += ["**Operators per step** at the same size (aten calls made from Python, from one profiled step; "
+                      "in brackets those that read a value back to Python, a host sync each on a GPU when the "
+                      "tensor lives there). A count does not depend on the machine's load.", "",
+                      "| " + " | ".join(ops) + " |", "|" + "---|" * len(ops),
+                      "| " + " | ".join(f"{c['ops']} ({c['scalar_reads']})" for c in ops.values()) + " |", ""]
     if sweep:
         lines += ["**Sweep** (median ms per step; saved-for-backward MB)", "",
                   "| B | T | LoRA layers | LoRA (PyTorch) | mle | blob | blob/mle | blob/LoRA | saved mle | saved blob | "

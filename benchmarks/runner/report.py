@@ -6,6 +6,7 @@
     <name>/results.md                        mean ± std over seeds: ACC and ECE ×100, NLL, Brier, the uncertainty
                                              metrics, OOD-detection AUROCs (OOD grids), times
     <name>/plots/reliability_<dataset>__<row>.png   reliability diagram, seeds pooled
+    <name>/plots/reliability_<dataset>.png          MLE's and BLoB's diagrams side by side, seeds pooled
     <name>/plots/risk_coverage_<dataset>__<row>.png risk–coverage curve beside it, seeds pooled
     <name>/plots/risk_coverage_<dataset>.png        every row's risk–coverage curve on one plot
     <name>/plots/metrics_<dataset>.png       ACC / ECE / NLL bar chart per dataset
@@ -395,7 +396,37 @@ def write_plots(grid: Grid, rows: list[dict]) -> list[Path]:
         else:
             risk_coverage_plot(torch.cat(probs), torch.cat(labels), ax=overlays[col], label=method)
     out += [save_figure(ax, plots / f"risk_coverage_{_safe(col)}.png") for col, ax in overlays.items()]
-    return out + write_metric_charts(grid, rows)
+    return out + write_side_by_side(pooled, plots) + write_metric_charts(grid, rows)
+
+
+# The comparison the protocol is about, drawn in one figure per dataset column: plain LoRA, BLoB's posterior mean
+# (N = 0) and BLoB's predictive (N = 10)
+SIDE_BY_SIDE = {"mle": "MLE (plain LoRA)", "blob_mean": "BLoB, posterior mean (N = 0)", "blob": "BLoB (N = 10)"}
+
+
+def write_side_by_side(pooled: dict, plots: Path) -> list[Path]:
+    """``reliability_<column>.png``: the reliability diagrams of the :data:`SIDE_BY_SIDE` rows next to each other,
+    seeds pooled, for every column that has MLE and at least one BLoB row. ``pooled`` maps (column, row) to
+    (probs list, labels list, where)."""
+    import matplotlib.pyplot as plt
+    import torch
+
+    from blob_pyro.plots import reliability_diagram, save_figure
+
+    out = []
+    for col in dict.fromkeys(c for c, _ in pooled):
+        shown = [m for m in SIDE_BY_SIDE if (col, m) in pooled]
+        if "mle" not in shown or len(shown) < 2:
+            continue
+        fig, axes = plt.subplots(1, len(shown), figsize=(5.0 * len(shown), 5.2))
+        for ax, method in zip(axes, shown):
+            probs, labels, where = pooled[(col, method)]
+            reliability_diagram(torch.cat(probs), torch.cat(labels), ax=ax, label=method)
+            ax.set_title(f"{SIDE_BY_SIDE[method]}, {len(probs)} seed{'s' if len(probs) > 1 else ''} pooled",
+                         fontsize="medium")
+        fig.suptitle(where)
+        out.append(save_figure(fig, plots / f"reliability_{_safe(col)}.png"))
+    return out
 
 
 def write_metric_charts(grid: Grid, rows: list[dict]) -> list[Path]:

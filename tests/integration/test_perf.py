@@ -11,6 +11,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[2]
 PERF = REPO / "benchmarks" / "perf.py"
@@ -107,8 +108,18 @@ def test_overhead_section_measures_every_configuration_including_the_paper_prese
     assert (over["batch"], over["seq_len"]) == (1, 16)
     assert set(over["median_ms"]) == {"lora_torch", "mle", "blob", "blob_seq", "paper", "blob_torch"}
     assert all(v > 0 for v in over["median_ms"].values())
+    ops = over["ops_per_step"]
+    assert set(ops) == set(over["median_ms"])
+    assert ops["blob"]["ops"] > ops["blob_torch"]["ops"] > ops["lora_torch"]["ops"] > 100
     md = (tmp_path / "perf-cpu-quick.md").read_text()
-    assert "**Fixed per-step cost**" in md and "paper preset" in md
+    assert "**Fixed per-step cost**" in md and "paper preset" in md and "**Operators per step**" in md
+
+
+def test_op_counts_count_operators_and_value_reads():
+    perf = _load_perf()
+    x = torch.ones(3)
+    counts = perf.op_counts(lambda: ((x + 1) * 2).sum().item(), warmup=0)
+    assert counts == {"ops": 4, "scalar_reads": 1}  # add, mul, sum, item (its _local_scalar_dense is inside it)
 
 
 def test_compare_mode_against_the_same_checkout(tmp_path):

@@ -67,7 +67,7 @@ def test_runner_writes_results_table_and_plots(smoke):
     acc = 100 * float(rows[0]["accuracy"])
     assert f"| mle | {acc:.2f} (1 seed) |" in md  # one seed: no std to show
     for name in ("reliability_winogrande_s__mle.png", "reliability_winogrande_s__blob.png",
-                 "reliability_winogrande_s__blob_mean.png", "metrics_winogrande_s.png"):
+                 "reliability_winogrande_s__blob_mean.png", "metrics_winogrande_s.png", "reliability_winogrande_s.png"):
         png = report / "plots" / name
         assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG", name
     run = out / "runs" / "winogrande_s" / "blob" / "seed1"
@@ -582,3 +582,20 @@ def test_a_temperature_cell_fits_t_as_train_run_does(tiny_llama_dir, data_dir, t
     assert (tmp_path / "ours" / "temperature.json").read_text() == (tmp_path / "ref" / "temperature.json").read_text()
     for key in ("accuracy", "ece", "nll", "brier"):
         assert ours[key] == pytest.approx(ref[key], abs=1e-6), key
+
+
+def test_side_by_side_reliability_figure_has_a_panel_per_row_and_needs_mle(tmp_path, monkeypatch):
+    import blob_pyro.plots
+    from benchmarks.runner.report import write_side_by_side
+
+    saved = {}
+    monkeypatch.setattr(blob_pyro.plots, "save_figure",
+                        lambda fig, path: saved.setdefault(Path(path).name, [a.get_title() for a in fig.get_axes()]))
+    g = torch.Generator().manual_seed(0)
+    probs = [torch.softmax(torch.randn(20, 4, generator=g), -1) for _ in range(2)]
+    labels = [torch.randint(0, 4, (20,), generator=g) for _ in range(2)]
+    pooled = {("arc_easy", m): (probs, labels, "arc_easy") for m in ("mle", "blob", "map")}
+    pooled[("arc_challenge", "blob")] = (probs[:1], labels[:1], "arc_challenge")  # no mle there: no figure
+    write_side_by_side(pooled, tmp_path)
+    assert list(saved) == ["reliability_arc_easy.png"]
+    assert saved["reliability_arc_easy.png"] == ["MLE (plain LoRA), 2 seeds pooled", "BLoB (N = 10), 2 seeds pooled"]

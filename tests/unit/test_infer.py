@@ -15,9 +15,10 @@ from torch.distributions import kl_divergence
 from blob_pyro.config import FitConfig
 from blob_pyro.errors import ConfigError, TrainingError
 from blob_pyro.guides import make_guide
-from blob_pyro.infer import ElboStep, PaperStep, _context, fit, kl_terms, make_step, resolved_fit_config
+from blob_pyro.infer import ElboStep, KeepTrace_ELBO, PaperStep, _context, fit, kl_terms, make_step, resolved_fit_config
 from blob_pyro.kl import closed_form_kl
 from blob_pyro.optim import register_parameters
+from blob_pyro.poutine import float64_latents
 from blob_pyro.priors import make_prior
 
 from .tiny import store_snapshot, tiny_examples, tiny_model
@@ -435,3 +436,53 @@ def test_point_estimate_kl_is_read_off_the_model_trace_bit_for_bit(wrap):
     plain = sum(kl_divergence(guide_trace.nodes[s.name]["fn"], model_trace.nodes[s.name]["fn"]).sum()
                 for s in model.sites)
     assert fast.dtype == (torch.float64 if wrap else torch.float32) and fast.item() == plain.item()
+
+
+def _loss_and_grads(elbo, model, guide, batch, scale, monkeypatch):
+    """(loss, gradients, how many times the ELBO read a tensor's value with .item())"""
+    params = list(register_parameters(model, guide).values())
+    for p in params:
+        p.grad = None
+    pyro.set_rng_seed(3)
+    reads, item = [], torch.Tensor.item
+    with _context(model, scale=scale, autocast_dtype=None, device_type="cpu"), monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "item", lambda self: reads.append(1) or item(self))
+        loss = elbo.loss_and_grads(model, guide, batch)
+    return loss, [None if p.grad is None else p.grad.clone() for p in params], len(reads)
+
+
+@pytest.mark.parametrize("guide_name", ["blob", "lowrank", "auto_normal", "auto_delta"])
+@pytest.mark.parametrize("particles", [1, 3])
+def test_kept_trace_elbo_returns_pyros_value_without_a_read_per_site(guide_name, particles, monkeypatch):
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    model = tiny_model("both")
+    guide = make_guide(guide_name, model)
+    batch = model.head.collate(tiny_examples(4))
+    expected, expected_grads, pyro_reads = _loss_and_grads(Trace_ELBO(num_particles=particles), model, guide, batch,
+                                                           0.37, monkeypatch)
+    loss, grads, reads = _loss_and_grads(KeepTrace_ELBO(num_particles=particles), model, guide, batch, 0.37,
+                                         monkeypatch)
+    assert pyro_reads >= 2 * particles and reads == 0  # Pyro reads every site; the kept-trace ELBO none
+    assert torch.is_tensor(loss) and loss.dtype == torch.float64
+    assert loss.item() == expected  # exactly: the same float64 sum in the same order
+    assert all((g is None and e is None) or torch.equal(g, e) for g, e in zip(grads, expected_grads))
+
+
+def test_kept_trace_elbo_takes_pyros_value_for_a_score_function_site():
+    pyro.clear_param_store()
+
+    def model():
+        z = pyro.sample("z", dist.Bernoulli(0.3))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=torch.tensor(0.5))
+
+    def guide():
+        p = pyro.param("p", torch.tensor(0.6), constraint=dist.constraints.unit_interval)
+        pyro.sample("z", dist.Bernoulli(p))
+
+    with float64_latents():
+        pyro.set_rng_seed(1)
+        expected = Trace_ELBO().loss_and_grads(model, guide)
+        pyro.set_rng_seed(1)
+        loss = KeepTrace_ELBO().loss_and_grads(model, guide)
+    assert isinstance(loss, float) and loss == expected
