@@ -9,7 +9,8 @@
 #   1. a tiny Llama-style causal LM (random weights, 2 layers) trained and evaluated in bf16 autocast with
 #      gradient checkpointing: losses, the KL's dtype (float64), metrics for S=0, S=4 and sample-batched S=4;
 #   2. MiniLM-L6 training step time and peak memory, blob vs mle vs plain PEFT LoRA (benchmarks/perf.py);
-#   3. prediction: S=10 sequential and sample-batched vs one posterior-mean pass, and the batched speed-up;
+#   3. prediction: S=10 sequential and sample-batched vs one posterior-mean pass, and the batched speed-up; the fixed
+#      cost per step at B=1, T=16 of every configuration and the operators one step dispatches (issue 31);
 #   4. an 8-bit MiniLM base through bitsandbytes, if it is installed (else: skipped);
 #   5. issue 32's SmolLM2-135M cloze experiment: one training step, mle vs blob (LoRA on q_proj/v_proj, bf16), ms per
 #      step, blob/mle, peak memory, and a sample-batched N=10 prediction (benchmarks/cloze_step.py). The real weights
@@ -90,8 +91,9 @@ print("check 1: ok")
 EOF
 
 echo
-echo "== 2-3. MiniLM-L6: step time, peak memory (blob vs mle vs PEFT LoRA), prediction and sample-batched speed-up"
-"$PY" benchmarks/perf.py "${PERF_ARGS[@]}" --sections step,memory,predict --out "$OUT/perf" \
+echo "== 2-3. MiniLM-L6: step time, peak memory (blob vs mle vs PEFT LoRA), prediction and sample-batched speed-up,"
+echo "        and the fixed cost per step (B=1, T=16) with the operators each step dispatches (issue 31)"
+"$PY" benchmarks/perf.py "${PERF_ARGS[@]}" --sections step,memory,predict,overhead --out "$OUT/perf" \
   | sed -n '/^Device:/,$p'
 
 echo

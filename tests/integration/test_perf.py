@@ -49,6 +49,8 @@ def test_gpu_check_script_logic_on_cpu(tmp_path):
     assert data["predict"]["sequential_over_mean"] > 1  # four draws cost more than one mean pass
     md = (tmp_path / "perf" / "perf-cpu.md").read_text()
     assert "**Training step**" in md and "**Targets**" in md
+    assert "**Fixed per-step cost**" in md and "**Operators per step**" in md  # issue 31's figures, on the GPU too
+    assert data["overhead"]["ops_per_step"]["blob"]["ops"] > data["overhead"]["ops_per_step"]["lora_torch"]["ops"]
     # check 5: the SmolLM2 cloze experiment's step on a 2-layer random model of the same kind
     assert "weights: random, a 2-layer model of SmolLM2-135M's kind" in out
     assert "model: LlamaForCausalLM, 2 layers, hidden 72, 9 heads (3 KV)" in out and "vocab 49152, tied embeddings True" in out
