@@ -36,6 +36,7 @@ def main(argv=None) -> int:
 
     from blob_pyro import laplace_glm
     from blob_pyro.errors import BlobPyroError
+    from blob_pyro.io import atomic_write_text
     from blob_pyro.metrics import compute_metrics
     from blob_pyro.optim import own_params
     from blob_pyro.training import load_run, read_run_config
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
     sd = var.sqrt()[present]
     out["logit_sd_median"], out["logit_sd_q90"] = float(sd.median()), float(sd.quantile(0.9))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
     for key in [f"S={s}" for s in SAMPLES] + ["probit", "map"]:
         m = out[key]
         print(f"{key:>8}  acc {100 * m['accuracy']:5.1f} %  ECE {100 * m['ece']:5.1f} %  NLL {m['nll']:.3f}")

@@ -551,9 +551,10 @@ def section_predict(args, log, ctx) -> dict:
 
 
 def op_counts(fn, *, warmup: int = 3) -> dict:
-    """Operators one call of ``fn`` dispatches: ``ops``, the aten calls made from Python (not those inside
-    other aten calls), and ``scalar_reads``, those that read a value back to Python (``aten::item`` and
-    ``aten::_local_scalar_dense``: a host sync each when the tensor lives on a GPU).
+    """Operators one call of ``fn`` dispatches: ``ops``, the aten operators not called inside another one (what
+    the forward pass and autograd's backward dispatch), and ``scalar_reads``, the values read back to Python
+    (``aten::_local_scalar_dense``, under ``.item()``, ``float()`` or ``bool()`` of a tensor: a host sync each when
+    the tensor lives on a GPU; ``tolist()`` dispatches no operator the profiler sees and is not counted).
 
     Counts do not depend on the machine's load, unlike times: at B=1, T=16 each operator costs a few
     microseconds of dispatch on a CPU and a kernel launch on a GPU, so the count is the fixed cost's floor.
@@ -564,9 +565,9 @@ def op_counts(fn, *, warmup: int = 3) -> dict:
         fn()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    top = [e for e in prof.events() if e.name.startswith("aten::")
-           and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
-    reads = sum(e.name in ("aten::item", "aten::_local_scalar_dense") for e in top)
+    events = [e for e in prof.events() if e.name.startswith("aten::")]
+    top = [e for e in events if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
+    reads = sum(e.name == "aten::_local_scalar_dense" for e in events)
     return {"ops": len(top), "scalar_reads": reads}
 
 
@@ -1043,8 +1044,9 @@ def markdown(results: dict) -> str:
                   + f"{m['blob_torch']:.1f} | {over['pyro_ms_blob']:.1f} | {over['pyro_ms_mle']:.1f} |", ""]
         ops = over.get("ops_per_step")
         if ops:
-            lines += ["**Operators per step** at the same size (aten calls made from Python, from one profiled step; "
-                      "in brackets those that read a value back to Python, a host sync each on a GPU when the "
+            lines += ["**Operators per step** at the same size (aten operators not called inside another one, forward "
+                      "and backward, from one profiled step; "
+                      "in brackets the values read back to Python, a host sync each on a GPU when the "
                       "tensor lives there). A count does not depend on the machine's load.", "",
                       "| " + " | ".join(ops) + " |", "|" + "---|" * len(ops),
                       "| " + " | ".join(f"{c['ops']} ({c['scalar_reads']})" for c in ops.values()) + " |", ""]

@@ -33,6 +33,7 @@ def main(argv=None) -> int:
     from benchmarks.runner.cells import _row_metrics, predict_rows
     from benchmarks.runner.grid import load_grid, run_config
     from blob_pyro.errors import BlobPyroError
+    from blob_pyro.io import atomic_write_text
     from blob_pyro.training import build
 
     torch.set_num_threads(args.threads)
@@ -47,14 +48,13 @@ def main(argv=None) -> int:
     (pred, _), = predict_rows(run, run.eval, {"zero_shot": 0}, progress=not args.quiet).values()
     seconds = (time.perf_counter() - t0, time.process_time() - c0)
     m = _row_metrics(pred.probs, pred.labels, 0, seconds, run.eval, logits=pred.logits, bins=cfg.predict.ece_bins)
-    m["confidence"] = float(pred.probs.max(-1).values.mean())
-    m["model"], m["head"] = cfg.model, cfg.head
+    m["model"], m["head"] = cfg.model, cfg.head  # _row_metrics' uncertainty metrics hold the mean confidence
     for key in ("accuracy", "ece", "nll", "brier", "confidence"):
         print(f"{key:<12} {m[key]:.4f}")
     print(f"{'cpu seconds':<12} {seconds[1]:.0f}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(m, indent=2, default=str) + "\n")
+        atomic_write_text(args.out, json.dumps(m, indent=2, default=str) + "\n")
     return 0
 
 

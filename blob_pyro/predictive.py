@@ -111,7 +111,7 @@ def predict(model, guide, data, *, num_samples: int = 10, batch_size: int = 16, 
     with amp, own_params():  # one scope for the whole loop, not one per batch (posterior_logits' own)
         for start in starts:
             batch = model.head.collate(examples[start:start + batch_size], device)
-            logits = _posterior_logits(model, guide, batch, num_samples, sample_batched, True).float()
+            logits = _posterior_logits(model, guide, batch, num_samples, sample_batched, use_flipout=True).float()
             probs.append(torch.softmax(logits, dim=-1).mean(0).cpu())
             labels.append(batch["labels"].cpu())
             if keep_draws:

@@ -122,6 +122,7 @@ def test_op_counts_count_operators_and_value_reads():
     x = torch.ones(3)
     counts = perf.op_counts(lambda: ((x + 1) * 2).sum().item(), warmup=0)
     assert counts == {"ops": 4, "scalar_reads": 1}  # add, mul, sum, item (its _local_scalar_dense is inside it)
+    assert perf.op_counts(lambda: bool(x.sum() > 0), warmup=0)["scalar_reads"] == 1  # a read under is_nonzero
 
 
 def test_compare_mode_against_the_same_checkout(tmp_path):

@@ -70,8 +70,6 @@ def test_fit_laplace_refuses_a_guide_without_a_map_point():
     assert "needs a MAP point" in str(err.value) and "\n" not in str(err.value)
 
 
-
-
 def test_the_diagonal_ggn_of_a_lora_linear_model_matches_the_hand_computation():
     torch.manual_seed(0)
     net = inject_lora(MeanLinear(), ["proj"], r=2, lora_alpha=4.0)
