@@ -486,3 +486,21 @@ def test_kept_trace_elbo_takes_pyros_value_for_a_score_function_site():
         pyro.set_rng_seed(1)
         loss = KeepTrace_ELBO().loss_and_grads(model, guide)
     assert isinstance(loss, float) and loss == expected
+
+
+def test_mle_step_logs_the_map_penalty_without_computing_it_in_the_elbo():
+    """At weight 0 the ELBO computes no latent density (blob_pyro.poutine.scale); the log still has -log p(theta)."""
+    from blob_pyro.poutine.float64 import as_float64
+
+    pyro.clear_param_store()
+    model = tiny_model("B")
+    guide = make_guide("auto_delta", model)
+    batch = model.head.collate(tiny_examples(4))
+    step = make_step(model, guide, FitConfig(max_steps=10, lr=1e-2, warmup_ratio=0.0))
+    step.step(batch, 0.0, 16)  # moves B away from 0
+    priors = model.prior_distributions()
+    with torch.no_grad():
+        point = guide(batch)
+        by_hand = -sum(as_float64(priors[s.name]).log_prob(point[s.name].double()).sum().item() for s in model.sites)
+    record = step.step(batch, 0.0, 16)
+    assert record["kl"] == pytest.approx(by_hand, rel=1e-12)
