@@ -101,10 +101,12 @@ def _sign_mask(bits: torch.Tensor, shape, itype: torch.dtype, device) -> torch.T
     if shifts is None:
         shifts = _SHIFTS[key] = torch.arange(nbits, dtype=itype, device=device)
     numel = math.prod(shape)
-    words = bits.view(itype)[: math.ceil(numel / nbits)]
+    words = bits.view(itype)
+    if words.numel() * nbits != numel:  # slices only where the words hold more bits than signs (a dispatch each)
+        words = words[: math.ceil(numel / nbits)]
     mask = words.unsqueeze(-1) << shifts
     mask.bitwise_and_(torch.iinfo(itype).min)
-    return mask.reshape(-1)[:numel].reshape(shape)
+    return mask.view(shape) if mask.numel() == numel else mask.reshape(-1)[:numel].reshape(shape)
 
 
 class FlipoutMessenger(Messenger):

@@ -52,6 +52,19 @@ def test_apply_signs_is_an_exact_sign_flip(dtype):
     assert torch.equal(torch.signbit(z) != torch.signbit(x), (torch.signbit(z) != torch.signbit(x))[:, :1].expand_as(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("numel", [1, 17, 63, 64, 192, 200, 1024])
+def test_sign_of_element_k_is_packed_bit_k_whatever_the_size(dtype, numel):
+    """The map from packed bits to elements, computed by hand: element k takes bit (width - 1 - k % width) of word
+    k // width, the words being the bits read as integers of the tensor's width (sizes that fill the words
+    exactly and sizes that do not)."""
+    width = torch.finfo(dtype).bits
+    bits = _bits(numel, seed=numel)
+    words = bits.view({16: torch.int16, 32: torch.int32, 64: torch.int64}[width]).tolist()
+    expected = [-1.0 if (words[k // width] >> (width - 1 - k % width)) & 1 else 1.0 for k in range(numel)]
+    assert _signs(bits, (numel,), dtype).float().tolist() == expected
+
+
 @pytest.mark.parametrize("per", ["token", "sequence"])
 def test_flipout_function_is_the_flipout_formula_and_its_gradient(per):
     torch.manual_seed(0)
