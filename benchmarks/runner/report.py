@@ -32,7 +32,8 @@ CSV_COLUMNS = ("method", "entry", "trained_as", "dataset", "eval_dataset", "seed
                "nll", "brier", "confidence", "num_examples", "train_seconds", "eval_seconds", "setup_seconds", "max_steps",
                "batch_size", "run_dir", "ece_bins") + UNCERTAINTY_NAMES + ("auroc_max_prob", "auroc_entropy",
                                                                            "auroc_mutual_information",
-                                                                           "train_cpu_seconds", "eval_cpu_seconds")
+                                                                           "train_cpu_seconds", "eval_cpu_seconds",
+                                                                           "chance")
 # an OOD row's AUROC of telling its examples from the cell's own dev split, per score (blob_pyro.uncertainty.ood_auroc)
 AUROC_COLUMNS = {"max_prob": "auroc_max_prob", "entropy": "auroc_entropy", "mutual_information": "auroc_mutual_information"}
 
@@ -73,6 +74,7 @@ def collect_rows(grid: Grid, ood: list[str] | None = None) -> list[dict]:
                             **{k: m[k] for k in METRIC_NAMES},
                             **{k: m.get(k) for k in UNCERTAINTY_NAMES + ("ece_bins",)},
                             "confidence": _mean_confidence(cell.dir, eval_dataset, cell.dataset, row, cache),
+                            "chance": _chance(cell.dir, eval_dataset, cell.dataset, row, cache),
                             **_ood_aurocs(cell.dir, cell.dataset, eval_dataset, row, cache)})
     return out
 
@@ -121,6 +123,17 @@ def _mean_confidence(run_dir: Path, eval_dataset: str, dataset: str, row: str, c
     if row not in saved:
         return None
     return float(saved[row][0].float().max(-1).values.mean())
+
+
+def _chance(run_dir: Path, eval_dataset: str, dataset: str, row: str, cache: dict) -> float | None:
+    """Accuracy of guessing uniformly among each question's options: the mean of 1/K over the examples, K the options
+    a question has (a padded option's logit is −∞, so its saved probability is exactly 0); None without predictions.
+    """
+    saved = _saved(run_dir, dataset, eval_dataset, cache)
+    if row not in saved:
+        return None
+    options = (saved[row][0] > 0).sum(-1).clamp(min=1)
+    return float((1.0 / options.double()).mean())
 
 
 def write_csv(grid: Grid, rows: list[dict]) -> Path:
@@ -260,6 +273,9 @@ def uncertainty_markdown(rows: list[dict]) -> list[str]:
     return lines
 
 
+LEARNED_MARGIN = 0.05  # MLE's accuracy above chance from which the targets apply (issue 29's protocol)
+
+
 def targets_markdown(rows: list[dict]) -> list[str]:
     """The issue's targets per in-distribution dataset, from the seed means of ``mle``, ``blob``, ``blob_mean``.
 
@@ -267,8 +283,11 @@ def targets_markdown(rows: list[dict]) -> list[str]:
     ECE ordering MLE > BLoB N=0 > BLoB N=10; beside them MLE's over-confidence (mean confidence − accuracy). The
     means are over the seeds that all three rows have, and a note names the seeds left out when a half-done grid
     has more for some row. A second table gives, per target, Welch's one-sided p over those seeds that it holds
-    (:func:`benchmarks.seed_tests.one_sided_p`; "–" with fewer than two seeds). Empty when the three rows share
-    no seed.
+    (:func:`benchmarks.seed_tests.one_sided_p`; "–" with fewer than two seeds). The targets apply where MLE beats
+    chance (the mean of 1/K over the questions, from the saved predictions) by at least
+    :data:`LEARNED_MARGIN`: on a task the backbone does not learn, calibrating a constant predictor says nothing,
+    so that dataset's marks and p-values read "n/a" and a note says how far from chance MLE is. Empty when the
+    three rows share no seed.
     """
     from benchmarks.seed_tests import one_sided_p
 
@@ -291,15 +310,13 @@ def targets_markdown(rows: list[dict]) -> list[str]:
     if not table:
         return []
 
-    def mark(ok):
-        return "yes" if ok else "**no**"
-
     def fmt_p(p):
         return "–" if p != p else f"{p:.3f}"
 
     lines = ["## Targets (seed means)", "",
              "| dataset | ECE blob / mle | ≤ ½? | ACC blob − mle (pt) | ≥ −1? | NLL blob − mle | < 0? | "
-             "ECE mle > blob_mean > blob? | mle confidence − accuracy (pt) |", "|---|---|---|---|---|---|---|---|---|"]
+             "ECE mle > blob_mean > blob? | mle confidence − accuracy (pt) | mle − chance (pt) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     p_lines = ["Welch's one-sided p over the seeds that each target holds (small: the seeds support it; with three "
                "seeds a side, p < 0.05 needs t beyond about 2.1):", "",
                "| dataset | seeds | ECE blob < ½ mle | ACC blob > mle − 1 pt | NLL blob < mle | ECE mle > blob_mean | "
@@ -318,9 +335,24 @@ def targets_markdown(rows: list[dict]) -> list[str]:
         conf = [methods["mle"][s].get("confidence") for s in seeds]
         over = (f"{100 * (statistics.fmean(float(c) for c in conf) - mean('mle', 'accuracy')):+.1f}"
                 if all(c not in (None, "") for c in conf) else "–")
+        chance = [methods["mle"][s].get("chance") for s in seeds]
+        above = (mean("mle", "accuracy") - statistics.fmean(float(c) for c in chance)
+                 if all(c not in (None, "") for c in chance) else None)
+        applies = above is None or above >= LEARNED_MARGIN - 1e-12
+        if not applies:
+            notes.append(f"- {col}: MLE is {100 * above:+.1f} points from chance, less than "
+                         f"{100 * LEARNED_MARGIN:.0f}: a task this backbone does not learn, so the targets do not apply.")
+
+        def mark(ok, applies=applies):
+            return ("yes" if ok else "**no**") if applies else "n/a"
+
         lines.append(f"| {col} | {100 * e_b:.2f} / {100 * e_mle:.2f} = {ratio:.2f} | {mark(ratio <= 0.5)} | "
                      f"{dacc:+.2f} | {mark(dacc >= -1 - 1e-9)} | {dnll:+.4f} | {mark(dnll < 0)} | "
-                     f"{100 * e_mle:.2f} > {100 * e_n0:.2f} > {100 * e_b:.2f}: {mark(e_mle > e_n0 > e_b)} | {over} |")
+                     f"{100 * e_mle:.2f} > {100 * e_n0:.2f} > {100 * e_b:.2f}: {mark(e_mle > e_n0 > e_b)} | {over} | "
+                     f"{'–' if above is None else f'{100 * above:+.1f}'} |")
+        if not applies:
+            p_lines.append(f"| {col} | {len(seeds)} | " + " | ".join(["n/a"] * 5) + " |")
+            continue
         ps = [one_sided_p(values("blob", "ece"), [e / 2 for e in values("mle", "ece")], "less"),
               one_sided_p(values("blob", "accuracy"), [a - 0.01 for a in values("mle", "accuracy")], "greater"),
               one_sided_p(values("blob", "nll"), values("mle", "nll"), "less"),

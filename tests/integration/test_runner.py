@@ -58,6 +58,7 @@ def test_runner_writes_results_table_and_plots(smoke):
         # CPU seconds: recorded per row, positive (a fit and a prediction did run) and finite
         assert 0 < float(r["train_cpu_seconds"]) < 1e5 and 0 < float(r["eval_cpu_seconds"]) < 1e5
     assert [r["num_samples"] for r in rows] == ["0", "2", "0"]
+    assert [r["chance"] for r in rows] == ["0.5"] * 3  # two options per WinoGrande question
     assert rows[1]["run_dir"] == rows[2]["run_dir"]  # blob and blob_mean: one trained run, two predictions
     md = (report / "results.md").read_text()
     for title in ("ACC (%)", "ECE (%)", "NLL", "Brier", "Time"):
@@ -429,6 +430,7 @@ def test_targets_table_reads_the_seed_means():
     assert cells[5] == "-0.1500" and cells[6] == "yes"
     assert cells[7] == "15.00 > 11.00 > 7.00: yes"
     assert cells[8] == "-21.0"  # mle's mean confidence 0.5 against its accuracy 0.71
+    assert cells[9] == "–"  # no saved predictions: chance unknown, the targets apply
     # Welch's one-sided p per target, against scipy's unequal-variance t-test
     from scipy.stats import ttest_ind
 
@@ -453,6 +455,23 @@ def test_targets_table_reads_the_seed_means():
     assert "- d: seeds 1, 2 (those all three rows have); left out: 3." in lines
     one = targets_markdown([r for r in rows if r["seed"] == 1])  # one seed: means, but no t
     assert [c.strip() for c in one[10].split("|")[1:-1]] == ["d", "1", "–", "–", "–", "–", "–"]
+
+
+def test_targets_do_not_apply_where_mle_stays_near_chance():
+    def row(method, seed, acc, chance):
+        return {"method": method, "dataset": "d", "eval_dataset": "d", "seed": seed, "accuracy": acc, "ece": 0.1,
+                "nll": 0.7, "confidence": 0.5, "chance": chance}
+
+    near = [row(m, s, 0.54, "0.5") for m in ("mle", "blob", "blob_mean") for s in (1, 2)]  # CSV strings, as merged
+    lines = targets_markdown(near)
+    cells = [c.strip() for c in lines[4].split("|")[1:-1]]
+    assert cells[2] == cells[4] == cells[6] == "n/a" and cells[7].endswith(": n/a") and cells[9] == "+4.0"
+    assert "- d: MLE is +4.0 points from chance, less than 5: a task this backbone does not learn, so the targets " \
+           "do not apply." in lines
+    assert lines[-2] == "| d | 2 | n/a | n/a | n/a | n/a | n/a |"
+    learned = [row(m, s, 0.55, 0.5) for m in ("mle", "blob", "blob_mean") for s in (1, 2)]  # 5 points: it applies
+    cells = [c.strip() for c in targets_markdown(learned)[4].split("|")[1:-1]]
+    assert cells[9] == "+5.0" and cells[2] == "**no**" and cells[6] == "**no**"
 
 
 def test_markdown_table_marks_cells_with_fewer_seeds():
