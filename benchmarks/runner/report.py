@@ -26,7 +26,7 @@ from .files import METRICS, is_finished, load_predictions, predictions_path
 from .grid import Grid, cells_of, run_config
 
 __all__ = ["CSV_COLUMNS", "AUROC_COLUMNS", "collect_rows", "write_csv", "summarize", "markdown_table", "results_markdown",
-           "targets_markdown", "write_plots", "write_metric_charts", "report", "seed_key"]
+           "targets_markdown", "summary_table", "write_plots", "write_metric_charts", "report", "seed_key"]
 
 CSV_COLUMNS = ("method", "entry", "trained_as", "dataset", "eval_dataset", "seed", "num_samples", "accuracy", "ece",
                "nll", "brier", "confidence", "num_examples", "train_seconds", "eval_seconds", "setup_seconds", "max_steps",
@@ -209,6 +209,33 @@ def markdown_table(rows: list[dict], metric: str, *, scale: float = 1.0, digits:
     return "\n".join(lines)
 
 
+def summary_table(rows: list[dict]) -> str:
+    """ACC % / ECE % / NLL seed means per (row, column) in one table, as a results page quotes them.
+
+    A cell with fewer seeds than the table's fullest cell says how many (by its accuracy values)::
+
+        | method | arc_easy |
+        |---|---|
+        | mle | 44.4 / 28.9 / 2.011 |
+    """
+    names, cols, cells = summarize(rows)
+    full = max((len(c["accuracy"]) for c in cells.values()), default=0)
+    lines = ["| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for name in names:
+        out = []
+        for col in cols:
+            c = cells.get((name, col))
+            if not c or not c["accuracy"]:
+                out.append("–")
+                continue
+            acc, ece, nll = (statistics.fmean(c[k]) for k in ("accuracy", "ece", "nll"))
+            n = len(c["accuracy"])
+            out.append(f"{100 * acc:.1f} / {100 * ece:.1f} / {nll:.3f}"
+                       + (f" ({n} seed{'s' if n > 1 else ''})" if n < full else ""))
+        lines.append(f"| {name} | " + " | ".join(out) + " |")
+    return "\n".join(lines)
+
+
 def results_markdown(grid: Grid, rows: list[dict], skipped_ood: list[str] = ()) -> str:
     seeds = sorted({r["seed"] for r in rows})
     cfg0 = run_config(grid.base, {}, method="blob", dataset=grid.datasets[0], seed=0, where=f"{grid.source} base")
@@ -219,6 +246,8 @@ def results_markdown(grid: Grid, rows: list[dict], skipped_ood: list[str] = ()) 
              f"seeds {seeds}, {cfg0.predict.num_samples} samples for the stochastic methods; mean ± sample std "
              f"over seeds (a cell with fewer seeds than the others says how many). ACC and ECE in % (×100, as "
              f"the paper), NLL and Brier as is; ECE bins: {', '.join(map(str, bins))}.", ""]
+    lines += ["## Summary: ACC % / ECE % / NLL", "", "Seed means of the three tables below.", "",
+              summary_table(rows), ""]
     for title, metric, scale, digits in (("ACC (%) ↑", "accuracy", 100, 2), ("ECE (%) ↓", "ece", 100, 2),
                                          ("NLL ↓", "nll", 1, 3), ("Brier ↓", "brier", 1, 3)):
         lines += [f"## {title}", "", markdown_table(rows, metric, scale=scale, digits=digits), ""]

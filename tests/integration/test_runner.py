@@ -14,7 +14,7 @@ from benchmarks.runner.cells import ensemble_average, run_cell
 from benchmarks.runner.cli import main
 from benchmarks.runner.files import PREDICTIONS, check_finished, differences
 from benchmarks.runner.grid import Entry, Grid, cells_of, load_grid
-from benchmarks.runner.report import CSV_COLUMNS, markdown_table, targets_markdown
+from benchmarks.runner.report import CSV_COLUMNS, markdown_table, summary_table, targets_markdown
 from benchmarks.runner.run import run_grid
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,7 +61,7 @@ def test_runner_writes_results_table_and_plots(smoke):
     assert [r["chance"] for r in rows] == ["0.5"] * 3  # two options per WinoGrande question
     assert rows[1]["run_dir"] == rows[2]["run_dir"]  # blob and blob_mean: one trained run, two predictions
     md = (report / "results.md").read_text()
-    for title in ("ACC (%)", "ECE (%)", "NLL", "Brier", "Time"):
+    for title in ("Summary: ACC % / ECE % / NLL", "ACC (%)", "ECE (%)", "NLL", "Brier", "Time"):
         assert f"## {title}" in md
     assert "### train, CPU" in md and "CPU-hours" in md
     assert "| method | winogrande_s |" in md and "| blob_mean |" in md
@@ -472,6 +472,18 @@ def test_targets_do_not_apply_where_mle_stays_near_chance():
     learned = [row(m, s, 0.55, 0.5) for m in ("mle", "blob", "blob_mean") for s in (1, 2)]  # 5 points: it applies
     cells = [c.strip() for c in targets_markdown(learned)[4].split("|")[1:-1]]
     assert cells[9] == "+5.0" and cells[2] == "**no**" and cells[6] == "**no**"
+
+
+def test_summary_table_quotes_the_three_metrics_seed_means():
+    def row(method, seed, acc, ece, nll):
+        return {"method": method, "dataset": "d", "eval_dataset": "d", "seed": seed, "accuracy": acc, "ece": ece,
+                "nll": nll}
+
+    rows = [row("mle", 1, 0.40, 0.30, 2.0), row("mle", 2, 0.45, 0.25, 1.9), row("blob", 1, 0.46, 0.07, 1.25)]
+    lines = summary_table(rows).splitlines()
+    assert lines[:2] == ["| method | d |", "|---|---|"]
+    assert lines[2] == "| mle | 42.5 / 27.5 / 1.950 |"
+    assert lines[3] == "| blob | 46.0 / 7.0 / 1.250 (1 seed) |"
 
 
 def test_markdown_table_marks_cells_with_fewer_seeds():
