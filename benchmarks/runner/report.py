@@ -127,12 +127,18 @@ def _mean_confidence(run_dir: Path, eval_dataset: str, dataset: str, row: str, c
 
 def _chance(run_dir: Path, eval_dataset: str, dataset: str, row: str, cache: dict) -> float | None:
     """Accuracy of guessing uniformly among each question's options: the mean of 1/K over the examples, K the options
-    a question has (a padded option's logit is −∞, so its saved probability is exactly 0); None without predictions.
+    a question has. A padded option's logit is −∞: K counts the finite logits of the first draw where logits were
+    saved, else the non-zero probabilities (a real option's probability underflows to 0 only past a logit gap of
+    ~100). None without predictions.
     """
+    import torch
+
     saved = _saved(run_dir, dataset, eval_dataset, cache)
     if row not in saved:
         return None
-    options = (saved[row][0] > 0).sum(-1).clamp(min=1)
+    probs, logits = saved[row]
+    present = torch.isfinite(logits[0]) if logits is not None else probs > 0
+    options = present.sum(-1).clamp(min=1)
     return float((1.0 / options.double()).mean())
 
 
