@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from benchmarks.runner import cells as runner_cells
 from benchmarks.runner.cells import ensemble_average, run_cell
 from benchmarks.runner.cli import main
-from benchmarks.runner.files import PREDICTIONS, check_finished, differences
+from benchmarks.runner.files import PREDICTIONS, check_finished, differences, predictions_path
 from benchmarks.runner.grid import Entry, Grid, cells_of, load_grid
 from benchmarks.runner.report import CSV_COLUMNS, markdown_table, summary_table, targets_markdown
 from benchmarks.runner.run import run_grid
@@ -472,6 +472,24 @@ def test_targets_do_not_apply_where_mle_stays_near_chance():
     learned = [row(m, s, 0.55, 0.5) for m in ("mle", "blob", "blob_mean") for s in (1, 2)]  # 5 points: it applies
     cells = [c.strip() for c in targets_markdown(learned)[4].split("|")[1:-1]]
     assert cells[9] == "+5.0" and cells[2] == "**no**" and cells[6] == "**no**"
+
+
+def test_chance_counts_each_questions_options_not_its_padding():
+    import torch
+
+    from benchmarks.runner.report import _chance
+
+    inf = float("inf")
+    # three questions with 4, 3 and 5 options (padded to 5: logit -inf); the first question's last real option has a
+    # probability that underflowed to 0, which the logits still count and the probabilities alone cannot
+    logits = torch.tensor([[[0.0, 1.0, 2.0, -200.0, -inf], [0.0, 0.0, 1.0, -inf, -inf], [0.0, 1.0, 2.0, 3.0, 4.0]]])
+    probs = torch.softmax(logits[0], -1)
+    assert probs[0, 3] == 0
+    run_dir = Path("cell")
+    cache = {predictions_path(run_dir, "d", "d"): {"mle": (probs, logits), "old": (probs, None)}}
+    assert _chance(run_dir, "d", "d", "mle", cache) == pytest.approx((1 / 4 + 1 / 3 + 1 / 5) / 3)
+    assert _chance(run_dir, "d", "d", "old", cache) == pytest.approx((1 / 3 + 1 / 3 + 1 / 5) / 3)  # probs only
+    assert _chance(run_dir, "d", "d", "absent", cache) is None
 
 
 def test_summary_table_quotes_the_three_metrics_seed_means():
