@@ -22,7 +22,10 @@ Configurations (same backbone, synthetic fixed-length batch, LoRA r=8 on query/v
 - ``paper``       BLoB's paper preset (``--preset paper``: Bayesian A, AdamW on the NLL then SGD on the KL);
 - ``blob_torch``  BLoB's exact computation written in plain PyTorch (sampling, Flipout, closed-form KL, one
   AdamW): ``blob`` minus this is the time spent in Pyro's machinery (traces, replay, param store) and
-  blob_pyro's bookkeeping.
+  blob_pyro's bookkeeping;
+- ``lora_compiled``, ``mle_compiled``, ``blob_compiled`` (``--compiled``, overhead section): plain LoRA with
+  ``torch.compile`` of the PEFT network, and mle / blob with ``--compile true`` (the network part compiled,
+  Pyro eager; :mod:`blob_pyro.compiled`). Each is compiled and warmed up before the timed rounds.
 
 Sections: ``step`` (step time), ``memory`` (peak memory; each configuration in a fresh subprocess),
 ``predict`` (S=10 sequential and sample-batched vs one posterior-mean pass), ``overhead`` (the fixed cost
@@ -72,6 +75,7 @@ import torch.nn.functional as F  # noqa: E402
 SECTIONS = ("step", "memory", "predict", "overhead", "layer", "sweep")
 COMPARE_SECTIONS = ("step", "memory", "predict", "overhead")
 SETUPS = ("lora_torch", "mle", "blob", "blob_seq", "paper", "blob_torch")
+COMPILED_SETUPS = ("lora_compiled", "mle_compiled", "blob_compiled")
 STEP_SETUPS = ("lora_torch", "mle", "blob", "blob_seq")
 NUM_DATA = 640  # N for the likelihood scale and KL weight (WinoGrande-S size); does not change the cost
 CLOSE = 0.02  # --compare-src: a figure within 2 % of the other side's counts as unchanged
@@ -210,8 +214,10 @@ def library_info() -> dict:
 def build_setup(kind: str, *, model: str, seq_len: int, device: str, lora_layers: int | None = None,
                 lr: float = 1e-4, seed: int = 0) -> Setup:
     torch.manual_seed(seed)
-    if kind == "lora_torch":
-        return _lora_torch(model, seq_len, device, lora_layers, lr)
+    if kind in ("lora_torch", "lora_compiled"):
+        return _lora_torch(model, seq_len, device, lora_layers, lr, compiled=kind == "lora_compiled")
+    compiled = kind.endswith("_compiled")
+    kind = kind.removesuffix("_compiled")
     settings = dict(model=model, dataset="winogrande_s", head="sequence_classification",
                     method="mle" if kind == "mle" else "blob", max_length=seq_len, device=device,
                     target_modules=targets_for(lora_layers), flipout_per="sequence" if kind == "blob_seq" else "token",
@@ -223,6 +229,8 @@ def build_setup(kind: str, *, model: str, seq_len: int, device: str, lora_layers
         run = _build(settings)
         run.model.num_data = NUM_DATA
         run.model.network.eval()
+        if compiled:
+            run.model.compile_network()
         if kind == "blob_torch":
             step = _blob_torch_step(run.model, run.guide, lr, settings["flipout_per"])
         else:
@@ -231,10 +239,10 @@ def build_setup(kind: str, *, model: str, seq_len: int, device: str, lora_layers
 
             def step(batch):
                 return stepper.step(batch, weight, NUM_DATA)["loss"]
-    return Setup(kind, step, slot, run.model, run.guide, modules=[run.model.network])
+    return Setup(kind + ("_compiled" if compiled else ""), step, slot, run.model, run.guide, modules=[run.model.network])
 
 
-def _lora_torch(model: str, seq_len: int, device: str, lora_layers, lr: float) -> Setup:
+def _lora_torch(model: str, seq_len: int, device: str, lora_layers, lr: float, compiled: bool = False) -> Setup:
     from peft import LoraConfig, get_peft_model
 
     from blob_pyro.backbone import default_targets, load_backbone
@@ -244,17 +252,18 @@ def _lora_torch(model: str, seq_len: int, device: str, lora_layers, lr: float) -
     net = get_peft_model(hf, LoraConfig(r=8, lora_alpha=16, target_modules=targets,
                                         modules_to_save=["classifier"])).to(device).eval()
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr)
+    forward = torch.compile(net) if compiled else net
 
     def step(batch):
-        logits = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     token_type_ids=batch["token_type_ids"]).logits.float()
+        logits = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         token_type_ids=batch["token_type_ids"]).logits.float()
         loss = F.cross_entropy(logits, batch["labels"])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
-    return Setup("lora_torch", step, modules=[net])
+    return Setup("lora_compiled" if compiled else "lora_torch", step, modules=[net])
 
 
 def _blob_torch_step(model, guide, lr: float, per: str):
@@ -473,10 +482,14 @@ def predict_fns(args, seq_len: int) -> dict:
 OVERHEAD_SIZE = (1, 16)  # B, T: the network costs almost nothing
 
 
-def overhead_fns(args) -> dict:
+def overhead_fns(args, compiled: bool = False) -> dict:
     batch_size, seq_len = OVERHEAD_SIZE
-    setups = {k: build_setup(k, model=args.model, seq_len=seq_len, device=args.device) for k in SETUPS}
+    kinds = SETUPS + (COMPILED_SETUPS if compiled else ())
+    setups = {k: build_setup(k, model=args.model, seq_len=seq_len, device=args.device) for k in kinds}
     batch = synthetic_batch(batch_size, seq_len, args.device)
+    for k in COMPILED_SETUPS if compiled else ():
+        for _ in range(3):  # blob's first call of a shape counts its signs eagerly; the second compiles
+            setups[k].step(batch)
     return {k: (lambda s=s: s.step(batch)) for k, s in setups.items()}
 
 
@@ -575,7 +588,9 @@ def section_overhead(args, log, ctx) -> dict:
     """The fixed cost per step of every configuration where the network costs almost nothing (B=1, T=16), and
     (in a plain run, not ``--compare-src``) the operators each step dispatches."""
     batch_size, seq_len = OVERHEAD_SIZE
-    times, clocks = ctx.measure("overhead", {}, repeats=max(args.repeats, 7), warmup=args.warmup)
+    compiled = bool(getattr(args, "compiled", False)) and isinstance(ctx, Local)
+    times, clocks = ctx.measure("overhead", {"compiled": True} if compiled else {}, repeats=max(args.repeats, 7),
+                                warmup=args.warmup)
     ms = {k: med_ms(v) for k, v in times.items()}
 
     def diff(a, b):  # per round, a and b ran seconds apart
@@ -583,10 +598,16 @@ def section_overhead(args, log, ctx) -> dict:
 
     out = {"batch": batch_size, "seq_len": seq_len, "median_ms": ms, "clock": CLOCK["name"], **clocks,
            "pyro_ms_blob": diff("blob", "blob_torch"), "pyro_ms_mle": diff("mle", "lora_torch")}
+    if compiled:  # the fixed cost left with the network compiled, against eager and against compiled plain LoRA
+        out["compiled_over_lora_ms"] = {k: diff(f"{k}_compiled", "lora_torch") for k in ("mle", "blob")}
+        out["compiled_over_lora_compiled_ms"] = {k: diff(f"{k}_compiled", "lora_compiled") for k in ("mle", "blob")}
+        out["compiled_ratio"] = {f"{a}/{b}": paired(times, a, b)["median"] for a, b in (
+            ("blob_compiled", "lora_torch"), ("mle_compiled", "lora_torch"), ("blob_compiled", "blob"),
+            ("mle_compiled", "mle"), ("lora_compiled", "lora_torch"), ("blob_compiled", "lora_compiled"))}
     log(f"overhead B={batch_size} T={seq_len}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items()))
     if isinstance(ctx, Local):
         fns = FNS["overhead"](args)
-        out["ops_per_step"] = {k: op_counts(fn) for k, fn in fns.items()}
+        out["ops_per_step"] = {k: op_counts(fn) for k, fn in fns.items()}  # SETUPS only: a compiled kernel is no aten op
         del fns
         gc.collect()
         log("operators per step: " + ", ".join(f"{k} {c['ops']} ({c['scalar_reads']} reads)"
@@ -1043,6 +1064,18 @@ def markdown(results: dict) -> str:
                   + (f"{m['paper']:.1f} | " if paper else "")
                   + f"{m['blob_torch']:.1f} | {over['pyro_ms_blob']:.1f} | {over['pyro_ms_mle']:.1f} |", ""]
         ops = over.get("ops_per_step")
+        comp = over.get("compiled_ratio")
+        if comp:
+            d, dc = over["compiled_over_lora_ms"], over["compiled_over_lora_compiled_ms"]
+            lines += ["**Compiled network** (`--compiled`: plain LoRA with `torch.compile` of the PEFT network; mle and "
+                      "blob with `compile=True`, the network part compiled and Pyro eager; same size, same rounds)", "",
+                      "| LoRA compiled | mle compiled | blob compiled | blob compiled − LoRA (PyTorch) | "
+                      "mle compiled − LoRA (PyTorch) | blob compiled / LoRA (PyTorch) | blob compiled / blob | "
+                      "blob compiled − LoRA compiled |",
+                      "|---|---|---|---|---|---|---|---|",
+                      f"| {m['lora_compiled']:.1f} | {m['mle_compiled']:.1f} | {m['blob_compiled']:.1f} | "
+                      f"{d['blob']:.1f} | {d['mle']:.1f} | {comp['blob_compiled/lora_torch']:.3f} | "
+                      f"{comp['blob_compiled/blob']:.3f} | {dc['blob']:.1f} |", ""]
         if ops:
             lines += ["**Operators per step** at the same size (aten operators not called inside another one, forward "
                       "and backward, from one profiled step; "
@@ -1127,6 +1160,8 @@ def main(argv=None) -> int:
     p.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto",
                    help="auto: process CPU time on CPU with one thread (robust on a shared machine), else wall time")
     p.add_argument("--quick", action="store_true", help="tiny sizes and 2 repeats: checks the script, not the numbers")
+    p.add_argument("--compiled", action="store_true",
+                   help="overhead section: also plain LoRA, mle and blob with the network compiled (torch.compile)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--report-only", action="store_true", help="rewrite the markdown from the JSON, measure nothing")
     p.add_argument("--compare-src", metavar="DIR",

@@ -138,6 +138,8 @@ class RuntimeConfig:
     load_in_8bit: bool = _f(False, "load the backbone in 8-bit (bitsandbytes)")
     load_in_4bit: bool = _f(False, "load the backbone in 4-bit (bitsandbytes)")
     gradient_checkpointing: bool = _f(False, "recompute the frozen backbone's block activations in backward")
+    compile: bool = _f(False, "torch.compile the network (backbone, LoRA, Flipout; Pyro stays eager): fewer operators "
+                              "per step, a compile per new batch shape")
     trust_remote_code: bool = _f(False, "allow custom model code from the hub (off unless you ask)")
     checkpoint_every: int = _f(0, "write a resumable checkpoint every K steps (0: off)")
 
@@ -305,6 +307,11 @@ class RunConfig:
                               f"method={self.method} trains its own (drop from_run)")
         if self.runtime.load_in_8bit and self.runtime.load_in_4bit:
             raise ConfigError("load_in_8bit and load_in_4bit exclude each other; choose one")
+        if self.runtime.compile and self.runtime.gradient_checkpointing:
+            raise ConfigError("compile and gradient_checkpointing exclude each other: checkpointed blocks replay "
+                              "Flipout's signs from Python; choose one")
+        if self.runtime.compile and (self.runtime.load_in_8bit or self.runtime.load_in_4bit):
+            raise ConfigError("compile is not supported with load_in_8bit/load_in_4bit backbones; choose one")
         return self
 
     def resolve(self) -> RunConfig:

@@ -17,12 +17,13 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.tuners.lora.layer import LoraVariant
 
 from .errors import TargetModuleError
-from .poutine.flipout import flipout_linear
+from .poutine.flipout import flipout_apply, flipout_linear
 
 __all__ = [
     "ADAPTER",
@@ -53,6 +54,10 @@ class BlobLoraVariant(LoraVariant):
     def __init__(self):
         self.values: dict[str, torch.Tensor] = {}
         self.tap = None
+        # set by blob_pyro.compiled for one call of a compiled network: the means of the bound draws and the
+        # pool their signs come from, so that the graph holds no Pyro handler and no random draw
+        self.locs: dict[str, torch.Tensor] = {}
+        self.signs = None
 
     @staticmethod
     def init(module, adapter_name, **kwargs):  # PEFT protocol; nothing to add to the layer
@@ -78,11 +83,19 @@ class BlobLoraVariant(LoraVariant):
         a = self.values.get("A", module.lora_A[active_adapter].weight)
         b = self.values.get("B", module.lora_B[active_adapter].weight)
         x = module.lora_dropout[active_adapter](x)
-        h = flipout_linear(x, a)
-        y = flipout_linear(h, b)
+        if self.signs is None:  # eager: Flipout finds each draw's mean through the active handler
+            h = flipout_linear(x, a)
+            y = flipout_linear(h, b)
+        else:
+            h = self._resolved(x, a, "A")
+            y = self._resolved(h, b, "B")
         if self.tap is not None:
             self.tap(x, h, y)
         return result + y * module.scaling[active_adapter]
+
+    def _resolved(self, x: torch.Tensor, weight: torch.Tensor, factor: str) -> torch.Tensor:
+        loc = self.locs.get(factor)
+        return F.linear(x, weight) if loc is None else flipout_apply(x, weight, loc, self.signs)
 
 
 @dataclass(frozen=True)

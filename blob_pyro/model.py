@@ -113,6 +113,7 @@ class BlobModel(torch.nn.Module):
         self.num_data = int(num_data)
         self.flipout = flipout
         self.temperature = 1.0  # logits / T in the likelihood; method=temperature fits T after training
+        self.compiled = None  # a CompiledNetwork once compile_network() is called
         self._register = ModuleRegistration("network", network)
         self.sites: list[LoraSite] = []
         for path, layer in lora_layers(network).items():
@@ -134,7 +135,10 @@ class BlobModel(torch.nn.Module):
         self._register()  # pyro.module("network", self.network, update_module_params=True): deterministic factors, new heads
         draws = self.latents()
         with bind_values(self.sites, draws):
-            logits = self.head.logits(self.network, batch)  # (B, K)
+            if self.compiled is not None:
+                logits = self.compiled(batch)  # (B, K)
+            else:
+                logits = self.head.logits(self.network, batch)  # (B, K)
         if self.temperature != 1.0:
             logits = logits / self.temperature
         labels = batch.get("labels")
@@ -150,6 +154,17 @@ class BlobModel(torch.nn.Module):
         :meth:`forward`, so they need no batch.
         """
         return {site.name: pyro.sample(site.name, self.prior(site)) for site in self.sites}
+
+    def compile_network(self, **compile_kwargs):
+        """Run the network part (backbone, LoRA, Flipout) through ``torch.compile`` from now on; Pyro, the guide
+        and the ELBO stay eager (:mod:`blob_pyro.compiled`). ``compile_kwargs`` go to ``torch.compile``.
+
+        :returns: the :class:`~blob_pyro.compiled.CompiledNetwork` (``calls`` counts eager and compiled calls).
+        """
+        from .compiled import CompiledNetwork
+
+        self.compiled = CompiledNetwork(self, **compile_kwargs)
+        return self.compiled
 
     # ---- helpers for guides, saving and describe ----------------------------------------------
     def latent_sites(self) -> list[LoraSite]:

@@ -137,8 +137,11 @@ def build_model(cfg: RunConfig, *, num_data: int = 1, adapter_dir: str | os.Path
         enable_gradient_checkpointing(network)
     head = _make_head(kind, tokenizer, num_classes, option_words, cfg.max_length, cfg.cloze_norm)
     prior = make_prior(bayes.prior, bayes.prior_scale, **({"df": bayes.prior_df} if bayes.prior == "student_t" else {}))
-    return BlobModel(network, head, bayesian_factor=bayes.bayesian_factor, prior=prior, num_data=num_data,
-                     flipout=bayes.flipout_per if bayes.flipout else None)
+    model = BlobModel(network, head, bayesian_factor=bayes.bayesian_factor, prior=prior, num_data=num_data,
+                      flipout=bayes.flipout_per if bayes.flipout else None)
+    if rt.compile:
+        model.compile_network()
+    return model
 
 
 def retarget_head(model: BlobModel, dataset: str) -> None:
@@ -165,7 +168,7 @@ def _make_guide(cfg: RunConfig, model: BlobModel):
 
 # what a post-hoc run (from_run) may set for itself: where and how it predicts, never what was trained
 _FROM_RUN_FREE = {"method", "preset", "from_run", "data_dir", "eval_limit", "device", "bf16", "gradient_checkpointing",
-                  "trust_remote_code", "checkpoint_every"} | {f.name for f in dataclasses.fields(PredictConfig)}
+                  "compile", "trust_remote_code", "checkpoint_every"} | {f.name for f in dataclasses.fields(PredictConfig)}
 
 
 def from_run_config(settings: dict) -> RunConfig:

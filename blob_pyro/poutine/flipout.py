@@ -38,8 +38,8 @@ from pyro.poutine.runtime import _PYRO_STACK
 
 from ..distributed import rank as _rank
 
-__all__ = ["FlipoutMessenger", "FlipoutReplay", "FlipoutLinearFunction", "flipout", "flipout_linear", "active_flipout",
-           "apply_signs", "sign_bytes"]
+__all__ = ["FlipoutMessenger", "FlipoutReplay", "FlipoutLinearFunction", "SignPool", "flipout", "flipout_linear",
+           "flipout_apply", "active_flipout", "apply_signs", "sign_bytes"]
 
 _INT_OF = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _SHIFTS: dict[tuple, torch.Tensor] = {}
@@ -133,11 +133,13 @@ class FlipoutMessenger(Messenger):
         self._seed = 0
         self.tapes: list[list[torch.Tensor]] = []  # gradient checkpointing records the bits drawn here
         self._given: set[int] = set()
+        self.bytes_drawn = 0
 
     def __enter__(self):
         self._locs = {}
         self._generators = {}
         self._given = set()
+        self.bytes_drawn = 0
         seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
         # a fixed odd multiplier spreads streams apart; seeds stay in [0, 2**63)
         stream = _rank() if self.stream is None else int(self.stream)
@@ -178,15 +180,20 @@ class FlipoutMessenger(Messenger):
 
     def random_bits(self, numel: int, device) -> torch.Tensor:
         """Packed random bits for ``numel`` signs on ``device`` (uint8, see :func:`apply_signs`)."""
+        bits = self.draw_bytes(sign_bytes(numel), device)
+        for tape in self.tapes:
+            tape.append(bits)
+        return bits
+
+    def draw_bytes(self, nbytes: int, device) -> torch.Tensor:
+        """``nbytes`` random bytes (uint8) from this handler's generator on ``device``; ``bytes_drawn`` counts them."""
         device = torch.device(device)
         gen = self._generators.get(device)
         if gen is None:
             gen = self._generators[device] = torch.Generator(device=device)
             gen.manual_seed(self._seed)
-        bits = torch.randint(0, 256, (sign_bytes(numel),), dtype=torch.uint8, device=device, generator=gen)
-        for tape in self.tapes:
-            tape.append(bits)
-        return bits
+        self.bytes_drawn += nbytes
+        return torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device=device, generator=gen)
 
     def frozen_copy(self) -> FlipoutMessenger:
         """A copy that knows the same means (for replaying a block under gradient checkpointing)."""
@@ -284,14 +291,48 @@ def flipout_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     loc = handler.loc_of(weight) if handler is not None else None
     if loc is None:
         return F.linear(x, weight)
+    return flipout_apply(x, weight, loc, handler)
+
+
+def flipout_apply(x: torch.Tensor, weight: torch.Tensor, loc: torch.Tensor, signs) -> torch.Tensor:
+    """Flipout of ``x @ weight.T`` around ``loc`` with the signs ``signs.random_bits`` hands out and its ``per``
+    (a :class:`FlipoutMessenger`, or a :class:`SignPool` drawn before a compiled network runs)."""
     delta = weight - loc
     out_features = weight.shape[0]
-    if handler.per == "sequence" and x.dim() >= 3:
+    if signs.per == "sequence" and x.dim() >= 3:
         in_shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
         out_shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (out_features,)
     else:
         in_shape = tuple(x.shape)
         out_shape = tuple(x.shape[:-1]) + (out_features,)
-    in_bits = handler.random_bits(math.prod(in_shape), x.device)
-    out_bits = handler.random_bits(math.prod(out_shape), x.device)
+    in_bits = signs.random_bits(math.prod(in_shape), x.device)
+    out_bits = signs.random_bits(math.prod(out_shape), x.device)
     return FlipoutLinearFunction.apply(x, loc, delta, in_bits, out_bits, in_shape, out_shape)
+
+
+class SignPool:
+    """Packed sign bits drawn in one call, handed out in order: what a compiled network takes its Flipout signs
+    from, so that no random draw (and no Pyro handler) is inside the graph.
+
+    ``FlipoutMessenger.random_bits(n)`` draws ``sign_bytes`` bytes per call from the handler's generator; on a
+    CPU one draw of the calls' total is the same bytes as the calls one after another, so a network that takes
+    its signs from a pool of ``handler.random_bits`` computes what it computes under the handler::
+
+        pool = SignPool(handler.draw_bytes(nbytes), handler.per)   # nbytes: what one call of the network used
+        y = flipout_apply(x, weight, loc, pool)                     # ... for every Bayesian factor, in order
+        pool.check_used()                                           # every byte handed out, none missing
+    """
+
+    def __init__(self, bits: torch.Tensor, per: str):
+        self.bits, self.per, self.offset = bits, per, 0
+
+    def random_bits(self, numel: int, device) -> torch.Tensor:
+        n = sign_bytes(numel)
+        start = self.offset
+        self.offset = start + n
+        return self.bits[start:start + n]
+
+    def check_used(self) -> None:
+        if self.offset != self.bits.numel():
+            raise RuntimeError(f"the network took {self.offset} bytes of Flipout signs where {self.bits.numel()} were "
+                               f"drawn for this batch shape")

@@ -103,18 +103,22 @@ def test_perf_memory_child_keeps_the_callers_pythonpath(monkeypatch, inherited):
     assert seen["env"]["PYTHONPATH"].split(os.pathsep)[0] == "/x/old" and seen["env"]["BLOB_PERF_SRC"] == "/x/old"
 
 
-def test_overhead_section_measures_every_configuration_including_the_paper_preset(tmp_path):
-    _perf(tmp_path, "--quick", "--sections", "overhead")
+def test_overhead_section_measures_every_configuration_including_the_paper_preset_and_compiled_ones(tmp_path):
+    _perf(tmp_path, "--quick", "--sections", "overhead", "--compiled")
     data = json.loads((tmp_path / "perf-cpu-quick.json").read_text())
     over = data["overhead"]
     assert (over["batch"], over["seq_len"]) == (1, 16)
-    assert set(over["median_ms"]) == {"lora_torch", "mle", "blob", "blob_seq", "paper", "blob_torch"}
+    eager = {"lora_torch", "mle", "blob", "blob_seq", "paper", "blob_torch"}
+    assert set(over["median_ms"]) == eager | {"lora_compiled", "mle_compiled", "blob_compiled"}
     assert all(v > 0 for v in over["median_ms"].values())
     ops = over["ops_per_step"]
-    assert set(ops) == set(over["median_ms"])
+    assert set(ops) == eager  # a compiled kernel is no aten operator: the compiled ones are timed, not counted
     assert ops["blob"]["ops"] > ops["blob_torch"]["ops"] > ops["lora_torch"]["ops"] > 100
+    assert set(over["compiled_over_lora_ms"]) == set(over["compiled_over_lora_compiled_ms"]) == {"mle", "blob"}
+    assert over["compiled_ratio"]["blob_compiled/lora_torch"] > 0
     md = (tmp_path / "perf-cpu-quick.md").read_text()
     assert "**Fixed per-step cost**" in md and "paper preset" in md and "**Operators per step**" in md
+    assert "**Compiled network**" in md and "blob compiled / LoRA (PyTorch)" in md
 
 
 def test_op_counts_count_operators_and_value_reads():

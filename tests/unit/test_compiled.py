@@ -1,0 +1,132 @@
+"""blob_pyro.compiled: the network part through torch.compile computes what the eager network computes.
+
+Each test compiles the tiny network (a few seconds on one thread), so the cases are few and each checks much.
+"""
+
+import pyro
+import pytest
+import torch
+
+from blob_pyro.config import FitConfig, RunConfig
+from blob_pyro.errors import ConfigError, ModelError
+from blob_pyro.guides import make_guide
+from blob_pyro.infer import fit
+from blob_pyro.lora import tap_layers
+from blob_pyro.poutine import flipout
+from blob_pyro.poutine.flipout import SignPool, flipout_apply, sign_bytes
+from blob_pyro.predictive import posterior_logits
+
+from .tiny import store_snapshot, tiny_examples, tiny_model
+
+torch._dynamo.config.cache_size_limit = 64  # every test compiles anew; a cap hit would silently fall back to eager
+
+
+def _train(compiled: bool, *, factor="B", flipout_per="token", guide="blob", lora_dropout=0.0, steps=5, n=16):
+    pyro.clear_param_store()
+    model = tiny_model(factor, num_data=n, flipout=flipout_per, lora_dropout=lora_dropout)
+    net = model.compile_network() if compiled else None
+    g = make_guide(guide, model)
+    log = fit(model, g, tiny_examples(n), FitConfig(max_steps=steps, batch_size=4, lr=1e-2, seed=3,
+                                                    kl_schedule="standard"), progress=False)
+    return model, g, net, [r["loss"] for r in log], store_snapshot()
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize("factor, per, dropout", [("B", "token", 0.0), ("A", "sequence", 0.1), ("both", "token", 0.0)])
+def test_training_compiled_matches_eager(factor, per, dropout):
+    torch._dynamo.reset()
+    *_, eager_losses, eager_params = _train(False, factor=factor, flipout_per=per, lora_dropout=dropout)
+    graphs = _graphs()
+    model, _, net, losses, params = _train(True, factor=factor, flipout_per=per, lora_dropout=dropout)
+    # the first call of the batch shape ran eagerly and counted its signs; every later step ran one graph
+    assert net.calls == {"eager": 1, "compiled": 4}
+    assert _graphs() - graphs == 1
+    (nbytes,) = net.sign_bytes.values()
+    per_token = {"token": 4 * 3, "sequence": 4}[per]  # signs per input row: B x T tokens or B sequences
+    widths = {"A": [(6, 2), (8, 2)], "B": [(2, 8), (2, 8)], "both": [(6, 2), (2, 8), (8, 2), (2, 8)]}[factor]
+    assert nbytes == sum(sign_bytes(per_token * i) + sign_bytes(per_token * o) for i, o in widths)
+    # the same draws and signs; only Inductor's rounding may differ
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager_losses), rtol=1e-6, atol=1e-6)
+    assert params.keys() == eager_params.keys()
+    for name in params:
+        torch.testing.assert_close(params[name], eager_params[name], rtol=1e-5, atol=1e-6)
+
+
+def test_point_estimate_runs_compiled_from_the_first_step():
+    torch._dynamo.reset()
+    *_, eager_losses, eager_params = _train(False, guide="auto_delta")
+    model, _, net, losses, params = _train(True, guide="auto_delta")
+    assert net.calls == {"eager": 0, "compiled": 5} and net.sign_bytes == {}  # no Flipout: no signs to count
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager_losses), rtol=1e-6, atol=1e-6)
+    for name in params:
+        torch.testing.assert_close(params[name], eager_params[name], rtol=1e-5, atol=1e-6)
+
+
+def test_prediction_new_shapes_and_taps():
+    torch._dynamo.reset()
+    model = tiny_model("B", num_data=16)
+    guide = make_guide("blob", model)
+    net = model.compile_network()
+    with torch.no_grad():
+        guide(model.head.collate(tiny_examples(2)))  # the guide's parameters exist
+    for n in (4, 4, 6, 6):  # every shape: first call eager, the next compiled
+        batch = model.head.collate(tiny_examples(n))
+        torch.manual_seed(7)
+        compiled = posterior_logits(model, guide, batch, num_samples=3)
+        model.compiled = None
+        torch.manual_seed(7)
+        eager = posterior_logits(model, guide, batch, num_samples=3)
+        model.compiled = net
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    # per shape: the first of its three draws eager, then 2 + 3 compiled
+    assert net.calls == {"eager": 2, "compiled": 10} and len(net.sign_bytes) == 2
+    # a tap's hooks need the eager tensors: tapped calls do not enter the graph
+    seen = []
+    from blob_pyro.lora import lora_layers
+
+    with tap_layers(lora_layers(model.network), lambda path, x, h, y: seen.append(path)), torch.no_grad():
+        posterior_logits(model, guide, model.head.collate(tiny_examples(4)), num_samples=1)
+    assert len(seen) == 2 and net.calls["eager"] == 3
+
+
+def test_sign_pool_is_the_handlers_draws_and_checks_its_use():
+    torch.manual_seed(0)
+    sizes = [36, 96, 8, 200]
+    with flipout("token", seed=11) as handler:
+        one_by_one = [handler.random_bits(n, "cpu") for n in sizes]
+    assert handler.bytes_drawn == sum(sign_bytes(n) for n in sizes)
+    with flipout("token", seed=11) as handler:
+        pool = SignPool(handler.draw_bytes(sum(sign_bytes(n) for n in sizes), "cpu"), handler.per)
+        pooled = [pool.random_bits(n, "cpu") for n in sizes]
+    pool.check_used()
+    for a, b in zip(one_by_one, pooled):
+        assert torch.equal(a, b)
+    # the same signs give the same Flipout output as the handler's own path
+    x, w, loc = torch.randn(2, 3, 6), torch.randn(4, 6), torch.randn(4, 6)
+    with flipout("token", seed=5) as h:
+        ref = flipout_apply(x, w, loc, h)
+    with flipout("token", seed=5) as h:
+        assert torch.equal(flipout_apply(x, w, loc, SignPool(h.draw_bytes(sign_bytes(36) + sign_bytes(24), "cpu"),
+                                                               "token")), ref)
+    short = SignPool(torch.zeros(16, dtype=torch.uint8), "token")
+    short.random_bits(8, "cpu")
+    with pytest.raises(RuntimeError, match="took 8 bytes of Flipout signs where 16 were drawn"):
+        short.check_used()
+
+
+def test_compile_refuses_gradient_checkpointing():
+    from blob_pyro.backbone import enable_gradient_checkpointing
+
+    model = tiny_model("B")
+    enable_gradient_checkpointing(model.network)
+    with pytest.raises(ModelError, match="gradient-checkpointed"):
+        model.compile_network()
+    with pytest.raises(ConfigError, match="compile and gradient_checkpointing exclude each other"):
+        RunConfig.from_dict({"method": "blob", "compile": True, "gradient_checkpointing": True}).validate()
+    with pytest.raises(ConfigError, match="compile is not supported with load_in_8bit"):
+        RunConfig.from_dict({"method": "blob", "compile": True, "load_in_4bit": True}).validate()
