@@ -23,7 +23,7 @@ Configurations (same backbone, synthetic fixed-length batch, LoRA r=8 on query/v
 - ``blob_torch``  BLoB's exact computation written in plain PyTorch (sampling, Flipout, closed-form KL, one
   AdamW): ``blob`` minus this is the time spent in Pyro's machinery (traces, replay, param store) and
   blob_pyro's bookkeeping;
-- ``lora_compiled``, ``mle_compiled``, ``blob_compiled`` (``--compiled``, overhead section): plain LoRA with
+- ``lora_compiled``, ``mle_compiled``, ``blob_compiled`` (``--compiled``, step and overhead sections): plain LoRA with
   ``torch.compile`` of the PEFT network, and mle / blob with ``--compile true`` (the network part compiled,
   Pyro eager; :mod:`blob_pyro.compiled`). Each is compiled and warmed up before the timed rounds.
 
@@ -451,10 +451,18 @@ def run_memory_child(kind: str, args, seq_len: int, lora_layers=None, src: Path 
 
 
 # ---- what the timed sections run: name -> function, built where the library under test is --------------
-def step_fns(args, seq_len: int) -> dict:
-    setups = {k: build_setup(k, model=args.model, seq_len=seq_len, device=args.device) for k in STEP_SETUPS}
+def step_fns(args, seq_len: int, compiled: bool = False) -> dict:
+    kinds = STEP_SETUPS + (COMPILED_SETUPS if compiled else ())
+    setups = {k: build_setup(k, model=args.model, seq_len=seq_len, device=args.device) for k in kinds}
     batch = synthetic_batch(args.batch, seq_len, args.device)
+    _warm_compiled(setups, batch)
     return {k: (lambda s=s: s.step(batch)) for k, s in setups.items()}
+
+
+def _warm_compiled(setups: dict, batch) -> None:
+    for k in COMPILED_SETUPS:
+        for _ in range(3 if k in setups else 0):  # blob's first call of a shape counts its signs eagerly; the second compiles
+            setups[k].step(batch)
 
 
 def predict_fns(args, seq_len: int) -> dict:
@@ -487,9 +495,7 @@ def overhead_fns(args, compiled: bool = False) -> dict:
     kinds = SETUPS + (COMPILED_SETUPS if compiled else ())
     setups = {k: build_setup(k, model=args.model, seq_len=seq_len, device=args.device) for k in kinds}
     batch = synthetic_batch(batch_size, seq_len, args.device)
-    for k in COMPILED_SETUPS if compiled else ():
-        for _ in range(3):  # blob's first call of a shape counts its signs eagerly; the second compiles
-            setups[k].step(batch)
+    _warm_compiled(setups, batch)
     return {k: (lambda s=s: s.step(batch)) for k, s in setups.items()}
 
 
@@ -518,12 +524,17 @@ class Local:
 # ---- sections -----------------------------------------------------------------------------------------
 def section_step(args, log, ctx) -> dict:
     out = {}
+    compiled = bool(getattr(args, "compiled", False)) and isinstance(ctx, Local)
+    pairs = (("blob", "mle"), ("blob", "lora_torch"), ("blob_seq", "mle"), ("mle", "lora_torch"))
+    if compiled:
+        pairs += (("blob_compiled", "blob"), ("mle_compiled", "mle"), ("lora_compiled", "lora_torch"),
+                  ("blob_compiled", "lora_torch"))
     for seq_len in args.seq_lens:
-        times, clocks = ctx.measure("step", {"seq_len": seq_len}, repeats=args.repeats, warmup=args.warmup)
+        params = {"seq_len": seq_len, **({"compiled": True} if compiled else {})}
+        times, clocks = ctx.measure("step", params, repeats=args.repeats, warmup=args.warmup)
         ms = {k: med_ms(v) for k, v in times.items()}
         row = {"batch": args.batch, "seq_len": seq_len, "median_ms": ms, "clock": CLOCK["name"], **clocks,
-               "paired": {f"{a}/{b}": paired(times, a, b) for a, b in (
-                   ("blob", "mle"), ("blob", "lora_torch"), ("blob_seq", "mle"), ("mle", "lora_torch"))}}
+               "paired": {f"{a}/{b}": paired(times, a, b) for a, b in pairs}}
         row["blob_over_mle"] = row["paired"]["blob/mle"]["median"]
         row["blob_over_lora_torch"] = row["paired"]["blob/lora_torch"]["median"]
         out[str(seq_len)] = row
@@ -1007,6 +1018,18 @@ def markdown(results: dict) -> str:
                          f"{m['blob_seq']:.0f} | {pr(r, 'blob/mle')} | {pr(r, 'blob/lora_torch')} | "
                          f"{pr(r, 'blob_seq/mle')} | {pr(r, 'mle/lora_torch')} |")
         lines.append("")
+        with_compiled = [r for r in step.values() if "blob_compiled" in r["median_ms"]]
+        if with_compiled:
+            lines += ["With the network compiled (`--compiled`; same rounds):", "",
+                      "| B | T | LoRA compiled | mle compiled | blob compiled | blob compiled / blob | mle compiled / mle | "
+                      "LoRA compiled / LoRA (PyTorch) | blob compiled / LoRA (PyTorch) |",
+                      "|---|---|---|---|---|---|---|---|---|"]
+            for r in with_compiled:
+                m = r["median_ms"]
+                lines.append(f"| {r['batch']} | {r['seq_len']} | {m['lora_compiled']:.0f} | {m['mle_compiled']:.0f} | "
+                             f"{m['blob_compiled']:.0f} | {pr(r, 'blob_compiled/blob')} | {pr(r, 'mle_compiled/mle')} | "
+                             f"{pr(r, 'lora_compiled/lora_torch')} | {pr(r, 'blob_compiled/lora_torch')} |")
+            lines.append("")
         if pyro_ms is not None:
             lines += [f"Pyro's share of the blob step: its fixed per-step cost ({pyro_ms:.1f} ms, measured at B=1, T=16 "
                       f"below; it does not grow with batch or sequence length) over the blob step: "
@@ -1161,7 +1184,7 @@ def main(argv=None) -> int:
                    help="auto: process CPU time on CPU with one thread (robust on a shared machine), else wall time")
     p.add_argument("--quick", action="store_true", help="tiny sizes and 2 repeats: checks the script, not the numbers")
     p.add_argument("--compiled", action="store_true",
-                   help="overhead section: also plain LoRA, mle and blob with the network compiled (torch.compile)")
+                   help="step and overhead sections: also plain LoRA, mle and blob with the network compiled (torch.compile)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--report-only", action="store_true", help="rewrite the markdown from the JSON, measure nothing")
     p.add_argument("--compare-src", metavar="DIR",

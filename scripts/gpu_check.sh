@@ -10,7 +10,8 @@
 #      gradient checkpointing: losses, the KL's dtype (float64), metrics for S=0, S=4 and sample-batched S=4;
 #   2. MiniLM-L6 training step time and peak memory, blob vs mle vs plain PEFT LoRA (benchmarks/perf.py);
 #   3. prediction: S=10 sequential and sample-batched vs one posterior-mean pass, and the batched speed-up; the fixed
-#      cost per step at B=1, T=16 of every configuration and the operators one step dispatches (issue 31);
+#      cost per step at B=1, T=16 of every configuration and the operators one step dispatches, on a GPU also with
+#      the network compiled (issue 31);
 #   4. an 8-bit MiniLM base through bitsandbytes, if it is installed (else: skipped);
 #   5. issue 32's SmolLM2-135M cloze experiment: one training step, mle vs blob (LoRA on q_proj/v_proj, bf16), ms per
 #      step, blob/mle, peak memory, and a sample-batched N=10 prediction (benchmarks/cloze_step.py). The real weights
@@ -29,10 +30,12 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 if [ "$DEVICE" = "cpu" ]; then   # logic check: tiny sizes, one thread
   PERF_ARGS=(--device cpu --threads 1 --batch 2 --seq-lens 32 --repeats 2 --warmup 1 --num-samples 4)
+  OVERHEAD_ARGS=()
   STEPS=6
   CLOZE_ARGS=(--device cpu --tiny)
 else
   PERF_ARGS=(--device "$DEVICE" --batch 16 --seq-lens 128 256 --repeats 7 --warmup 3 --num-samples 10)
+  OVERHEAD_ARGS=(--compiled)   # plain LoRA, mle and blob with the network compiled too (three compiles, B=1 T=16)
   STEPS=30
   CLOZE_ARGS=(--device "$DEVICE")
 fi
@@ -93,7 +96,8 @@ EOF
 echo
 echo "== 2-3. MiniLM-L6: step time, peak memory (blob vs mle vs PEFT LoRA), prediction and sample-batched speed-up,"
 echo "        and the fixed cost per step (B=1, T=16) with the operators each step dispatches (issue 31)"
-"$PY" benchmarks/perf.py "${PERF_ARGS[@]}" --sections step,memory,predict,overhead --out "$OUT/perf" \
+"$PY" benchmarks/perf.py "${PERF_ARGS[@]}" --sections step,memory,predict --out "$OUT/perf" > "$OUT/perf-steps.log"
+"$PY" benchmarks/perf.py "${PERF_ARGS[@]}" --sections overhead "${OVERHEAD_ARGS[@]}" --out "$OUT/perf" \
   | sed -n '/^Device:/,$p'
 
 echo
