@@ -10,12 +10,13 @@ At small sizes a step's cost is the number of operators it dispatches more than 
 them. Pyro's traces, the guide's draws, the priors and the KL stay outside the graph, as do the Flipout handler
 and its random draws: before the graph runs, the mean of every bound draw is looked up in the handler and the
 sign bits of the whole call are drawn in one call of the handler's generator (:class:`~blob_pyro.poutine.flipout.
-SignPool`), which on a CPU gives the same bits as the per-layer draws of an eager call. How many bytes a call
+SignPool`), which on a CPU gives the same bits as the per-layer draws of an eager call (on a GPU, where the
+generator spreads a draw over threads by its size, other bits of the same distribution). How many bytes a call
 needs depends on the batch's shape: the first call of every new shape runs eagerly and counts them.
 
-What changes against the eager network (``tests/unit/test_compiled.py``): nothing in the draws (the Gaussian
-draws are the guide's, outside; the signs are the same bits; LoRA dropout draws eager masks under Inductor's
-``fallback_random``); Inductor's fused kernels may round differently from eager ones, so losses and gradients
+What changes against the eager network on a CPU (``tests/unit/test_compiled.py``): nothing in the draws (the
+Gaussian draws are the guide's, outside; the signs are the same bits; LoRA dropout draws eager masks under
+Inductor's ``fallback_random``); Inductor's fused kernels may round differently from eager ones, so losses and gradients
 agree to float32 rounding rather than bit for bit. Every new input shape and every switch of grad mode (training,
 prediction) compiles once more. While :func:`~blob_pyro.lora.tap_layers` taps a layer (KFAC) the network runs
 eagerly; a gradient-checkpointed network (whose recomputation replays the signs from Python) is refused.

@@ -113,6 +113,13 @@ def test_argument_errors_are_one_line(capsys, argv, needle):
     assert needle in error_line(capsys, argv)
 
 
+def test_conflicting_runtime_settings_are_one_line_and_write_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--compile", "true", "--gradient-checkpointing", "true", "--output-dir", str(out)]
+    assert "compile and gradient_checkpointing exclude each other" in error_line(capsys, argv)
+    assert not out.exists()
+
+
 def test_metrics_table():
     table = metrics_table({"dataset": "arc_easy", "split": "dev", "num_examples": 570, "num_samples": 10,
                            "ece_bins": 15, "accuracy": 0.5, "ece": 0.125, "nll": 0.75, "brier": 0.5, "entropy": 0.625,
