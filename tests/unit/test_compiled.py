@@ -16,7 +16,7 @@ from blob_pyro.poutine import flipout
 from blob_pyro.poutine.flipout import SignPool, flipout_apply, sign_bytes
 from blob_pyro.predictive import posterior_logits
 
-from .tiny import store_snapshot, tiny_examples, tiny_model
+from .tiny import store_snapshot, tiny_examples, tiny_model, tiny_run
 
 torch._dynamo.config.cache_size_limit = 64  # every test compiles anew; a cap hit would silently fall back to eager
 
@@ -55,6 +55,22 @@ def test_training_compiled_matches_eager(factor, per, dropout):
     assert params.keys() == eager_params.keys()
     for name in params:
         torch.testing.assert_close(params[name], eager_params[name], rtol=1e-5, atol=1e-6)
+
+
+def test_paper_preset_compiled_matches_eager():
+    """The paper's step (factor A, AdamW on the NLL, SGD on the closed-form KL) runs backward after its handlers
+    exit: the graph keeps what backward needs."""
+    torch._dynamo.reset()
+    out = {}
+    for compiled in (False, True):
+        run = tiny_run(RunConfig.from_dict({"preset": "paper", "max_steps": 5, "batch_size": 4, "seed": 3}), num_data=16)
+        net = run.model.compile_network() if compiled else None
+        log = fit(run.model, run.guide, tiny_examples(16), run.config.fit, progress=False)
+        out[compiled] = ([r["loss"] for r in log], store_snapshot(), net)
+    assert out[True][2].calls == {"eager": 1, "compiled": 4}
+    torch.testing.assert_close(torch.tensor(out[True][0]), torch.tensor(out[False][0]), rtol=1e-6, atol=1e-6)
+    for name, value in out[True][1].items():
+        torch.testing.assert_close(value, out[False][1][name], rtol=1e-5, atol=1e-6)
 
 
 def test_point_estimate_runs_compiled_from_the_first_step():
