@@ -469,6 +469,65 @@ def test_kept_trace_elbo_returns_pyros_value_without_a_read_per_site(guide_name,
     assert all((g is None and e is None) or torch.equal(g, e) for g, e in zip(grads, expected_grads))
 
 
+@pytest.mark.parametrize("factor, prior, guide_name, fused", [
+    ("B", "normal", "blob", 2), ("both", "normal", "blob", 4), ("both", "laplace", "blob", 0),
+    ("both", "normal", "lowrank", 0), ("B", "normal", "auto_normal", 0)])
+@pytest.mark.parametrize("particles", [1, 2])
+def test_unvalidated_steps_compute_normal_densities_in_one_pass_to_the_same_numbers(factor, prior, guide_name, fused,
+                                                                                    particles, monkeypatch):
+    """Without validation (every step after a run's first) the Normal latent sites' float64 densities are computed
+    for all sites at once: Pyro's loss, every gradient and every site's recorded density, bit for bit."""
+    import blob_pyro.infer as infer
+
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    model = tiny_model(factor, prior=make_prior(prior, 0.3))
+    guide = make_guide(guide_name, model)
+    batch = model.head.collate(tiny_examples(4))
+    filled, fill = [], infer.fill_normal_densities
+    monkeypatch.setattr(infer, "fill_normal_densities", lambda m, g: filled.append(fill(m, g)) or filled[-1])
+    with pyro.validation_enabled(False):
+        expected, expected_grads, _ = _loss_and_grads(Trace_ELBO(num_particles=particles), model, guide, batch, 0.37,
+                                                      monkeypatch)
+        elbo = KeepTrace_ELBO(num_particles=particles)
+        loss, grads, _ = _loss_and_grads(elbo, model, guide, batch, 0.37, monkeypatch)
+    assert filled == [fused] * particles
+    assert loss.item() == expected
+    assert all((g is None and e is None) or torch.equal(g, e) for g, e in zip(grads, expected_grads))
+    model_trace, guide_trace = elbo.traces
+    for site in model.sites:  # the recorded densities are what Pyro's own per-site computation records
+        for trace in (model_trace, guide_trace):
+            node = trace.nodes[site.name]
+            assert node["log_prob"].dtype == torch.float64 and node["log_prob"].shape == ()
+            assert torch.equal(node["unscaled_log_prob"], node["fn"].log_prob(node["value"]))
+            assert torch.equal(node["log_prob"], node["unscaled_log_prob"] * node["scale"])
+        parts = guide_trace.nodes[site.name]["score_parts"]
+        assert torch.equal(parts.entropy_term, parts.log_prob) and parts.score_function == 0
+
+
+@pytest.mark.parametrize("guide_name, prior", [("blob", "normal"), ("blob", "laplace"), ("lowrank", "normal")])
+def test_logged_kl_of_normal_sites_in_one_pass_is_the_per_site_kl(guide_name, prior, monkeypatch):
+    import blob_pyro.infer as infer
+    from blob_pyro.poutine.float64 import normal_site_kls
+
+    pyro.clear_param_store()
+    model = tiny_model("both", prior=make_prior(prior, 0.3))
+    guide = make_guide(guide_name, model)
+    batch = model.head.collate(tiny_examples(2))
+    with float64_latents():
+        guide_trace = poutine.trace(guide).get_trace(batch)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(batch)
+    kls = normal_site_kls(model_trace.nodes, guide_trace.nodes)
+    assert len(kls) == (4 if (guide_name, prior) == ("blob", "normal") else 0)
+    for name, kl in kls.items():
+        assert kl.dtype == torch.float64
+        assert torch.equal(kl, kl_divergence(guide_trace.nodes[name]["fn"], model_trace.nodes[name]["fn"]))
+    with torch.no_grad():
+        fused = kl_terms(model_trace.nodes, guide_trace.nodes)
+        monkeypatch.setattr(infer, "normal_site_kls", lambda m, g: {})
+        assert torch.equal(fused, kl_terms(model_trace.nodes, guide_trace.nodes))
+
+
 def test_kept_trace_elbo_takes_pyros_value_for_a_score_function_site():
     pyro.clear_param_store()
 
