@@ -219,16 +219,39 @@ def fill_normal_densities(model_trace, guide_trace) -> int:
     value = _flat(values).double()
     q_loc, q_scale = _flat([q.loc for _, _, q, _ in pairs]).double(), _flat([q.scale for _, _, q, _ in pairs]).double()
     log_q = -((value - q_loc) ** 2) / (2 * q_scale**2) - q_scale.log() - _HALF_LOG_2PI
-    for (g, m, _, _), lq, lp in zip(pairs, log_q.split(sizes), log_p.split(sizes)):
-        lq, lp = lq.sum(-1), lp.sum(-1)
-        g["unscaled_log_prob"] = lq
-        parts = ScoreParts(lq, 0, lq).scale_and_mask(g["scale"], g["mask"])
-        g["score_parts"], g["log_prob"] = parts, parts.log_prob
-        g["log_prob_sum"] = parts.log_prob.sum()
-        m["unscaled_log_prob"] = lp
-        m["log_prob"] = scale_and_mask(lp, m["scale"], m["mask"])
-        m["log_prob_sum"] = m["log_prob"].sum()
+    guides, models = [g for g, *_ in pairs], [m for _, m, *_ in pairs]
+    log_q, log_p = _site_sums(log_q, sizes), _site_sums(log_p, sizes)  # (S,): each site's density
+    for sites, unscaled in ((models, log_p), (guides, log_q)):
+        scaled = _scaled(unscaled, [site["scale"] for site in sites])
+        for site, u, lp in zip(sites, unscaled.unbind(), scaled):
+            site["unscaled_log_prob"] = u
+            site["log_prob"] = site["log_prob_sum"] = lp  # a 0-dim density is its own sum
+            if sites is guides:  # reparameterised: (log q, no score function, log q)
+                site["score_parts"] = ScoreParts(lp, 0, lp)
     return len(pairs)
+
+
+def _site_sums(flat: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """(S,): each site's sum over its slice of ``flat``, one reduction per run of equal-sized sites (row sums of a
+    (k, n) view are the numbers each slice's own sum gives)."""
+    runs, start, i = [], 0, 0
+    while i < len(sizes):
+        j = i
+        while j < len(sizes) and sizes[j] == sizes[i]:
+            j += 1
+        k, n = j - i, sizes[i]
+        runs.append(flat[start:start + k * n].view(k, n).sum(-1))
+        start, i = start + k * n, j
+    return runs[0] if len(runs) == 1 else torch.cat(runs)
+
+
+def _scaled(unscaled: torch.Tensor, scales: list) -> list[torch.Tensor]:
+    """Each site's density times its site's scale, as Pyro's ``scale_and_mask`` (no mask): one multiplication
+    where every site has the same number."""
+    first = scales[0]
+    if all(isinstance(c, (int, float)) and c == first for c in scales):
+        return list((unscaled if first == 1 else unscaled * first).unbind())
+    return [scale_and_mask(u, c) for u, c in zip(unscaled.unbind(), scales)]
 
 
 def normal_site_kls(model_sites: dict, guide_sites: dict) -> dict[str, torch.Tensor]:

@@ -121,6 +121,14 @@ def test_overhead_section_measures_every_configuration_including_the_paper_prese
     assert "**Compiled network**" in md and "blob compiled / LoRA (PyTorch)" in md
 
 
+def test_fused_densities_script_times_both_paths():
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "fused_densities.py"), "--rounds", "2"],
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert re.search(r"blob, B=1 T=16, 2 rounds, process CPU ms: per site [\d.]+, one pass [\d.]+, median per-round "
+                     r"saving -?[\d.]+", proc.stdout)
+
+
 def test_op_counts_count_operators_and_value_reads():
     perf = _load_perf()
     x = torch.ones(3)
