@@ -113,7 +113,9 @@ def test_overhead_section_measures_every_configuration_including_the_paper_prese
     assert all(v > 0 for v in over["median_ms"].values())
     ops = over["ops_per_step"]
     assert set(ops) == eager  # a compiled kernel is no aten operator: the compiled ones are timed, not counted
-    assert ops["blob"]["ops"] > ops["blob_torch"]["ops"] > ops["lora_torch"]["ops"] > 100
+    # blob's densities in one pass put it below its plain-PyTorch twin, which computes them per site
+    assert ops["blob"]["ops"] > ops["mle"]["ops"] > ops["lora_torch"]["ops"] > 100
+    assert ops["blob_torch"]["ops"] > ops["lora_torch"]["ops"]
     assert set(over["compiled_over_lora_ms"]) == set(over["compiled_over_lora_compiled_ms"]) == {"mle", "blob"}
     assert over["compiled_ratio"]["blob_compiled/lora_torch"] > 0
     md = (tmp_path / "perf-cpu-quick.md").read_text()

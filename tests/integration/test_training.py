@@ -121,3 +121,25 @@ def test_minilm_training_nll_falls_on_winogrande_s(data_dir):
     first = sum(r["nll"] for r in log[:4]) / 4
     last = sum(r["nll"] for r in log[-4:]) / 4
     assert last < first - 0.1, (first, last)
+
+
+def test_compiled_network_trains_and_predicts_the_tiny_llama_as_eager(tiny_llama_dir, data_dir, one_thread):
+    """compile=true through a Hugging Face causal LM (LoRA on both factors, Flipout per token, batches padded to
+    their longest prompt): no graph break, and the losses and predictive probabilities of the eager run."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    out = {}
+    for compiled in (False, True):
+        run = build(_tiny_cfg(tiny_llama_dir, data_dir=str(data_dir), bayesian_factor="both", max_steps=12,
+                              compile=compiled))
+        assert (run.model.compiled is not None) == compiled
+        log = fit(run.model, run.guide, run.train, run.config.fit, progress=False)
+        torch.manual_seed(5)
+        probs = predict(run.model, run.guide, run.eval, num_samples=3, batch_size=8, progress=False).probs
+        out[compiled] = [r["loss"] for r in log], probs
+    calls = run.model.compiled.calls
+    assert calls["compiled"] >= 12 and calls["eager"] >= 1  # a shape's first call counts its signs eagerly
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
+    torch.testing.assert_close(torch.tensor(out[True][0]), torch.tensor(out[False][0]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-5, atol=1e-6)
