@@ -4,14 +4,15 @@
 #   scripts/gpu_check.sh                    # on a CUDA machine (bf16, torch.cuda.max_memory_allocated)
 #   DEVICE=cpu scripts/gpu_check.sh         # the same logic on CPU at tiny sizes (what CI can run)
 #   OUT=/tmp/gc PYTHON=.venv/bin/python scripts/gpu_check.sh
+#   COMPILED=1 scripts/gpu_check.sh         # the fixed-cost section also with the network compiled (minutes more)
 #
 # Prints:
 #   1. a tiny Llama-style causal LM (random weights, 2 layers) trained and evaluated in bf16 autocast with
 #      gradient checkpointing: losses, the KL's dtype (float64), metrics for S=0, S=4 and sample-batched S=4;
 #   2. MiniLM-L6 training step time and peak memory, blob vs mle vs plain PEFT LoRA (benchmarks/perf.py);
 #   3. prediction: S=10 sequential and sample-batched vs one posterior-mean pass, and the batched speed-up; the fixed
-#      cost per step at B=1, T=16 of every configuration and the operators one step dispatches, on a GPU also with
-#      the network compiled (issue 31);
+#      cost per step at B=1, T=16 of every configuration and the operators one step dispatches, with COMPILED=1 on
+#      a GPU also with the network compiled (issue 31);
 #   4. an 8-bit MiniLM base through bitsandbytes, if it is installed (else: skipped);
 #   5. issue 32's SmolLM2-135M cloze experiment: one training step, mle vs blob (LoRA on q_proj/v_proj, bf16), ms per
 #      step, blob/mle, peak memory, and a sample-batched N=10 prediction (benchmarks/cloze_step.py). The real weights
@@ -35,7 +36,10 @@ if [ "$DEVICE" = "cpu" ]; then   # logic check: tiny sizes, one thread
   CLOZE_ARGS=(--device cpu --tiny)
 else
   PERF_ARGS=(--device "$DEVICE" --batch 16 --seq-lens 128 256 --repeats 7 --warmup 3 --num-samples 10)
-  OVERHEAD_ARGS=(--compiled)   # plain LoRA, mle and blob with the network compiled too (three compiles, B=1 T=16)
+  OVERHEAD_ARGS=()
+  if [ "${COMPILED:-0}" = "1" ]; then   # plain LoRA, mle and blob with the network compiled too: three compiles
+    OVERHEAD_ARGS=(--compiled)
+  fi
   STEPS=30
   CLOZE_ARGS=(--device "$DEVICE")
 fi
