@@ -18,7 +18,14 @@ from blob_pyro.predictive import posterior_logits
 
 from .tiny import store_snapshot, tiny_examples, tiny_model, tiny_run
 
-torch._dynamo.config.cache_size_limit = 64  # every test compiles anew; a cap hit would silently fall back to eager
+
+@pytest.fixture(autouse=True, scope="module")
+def _room_for_every_graph():
+    """Every test compiles anew; at Dynamo's cap a call would fall back to eager without a word."""
+    before = torch._dynamo.config.cache_size_limit
+    torch._dynamo.config.cache_size_limit = 64
+    yield
+    torch._dynamo.config.cache_size_limit = before
 
 
 def _train(compiled: bool, *, factor="B", flipout_per="token", guide="blob", lora_dropout=0.0, steps=5, n=16):
