@@ -17,8 +17,9 @@ needs depends on the batch's shape: the first call of every new shape runs eager
 What changes against the eager network on a CPU (``tests/unit/test_compiled.py``): nothing in the draws (the
 Gaussian draws are the guide's, outside; the signs are the same bits; LoRA dropout draws eager masks under
 Inductor's ``fallback_random``); Inductor's fused kernels may round differently from eager ones, so losses and gradients
-agree to float32 rounding rather than bit for bit. Every new input shape and every switch of grad mode (training,
-prediction) compiles once more. While :func:`~blob_pyro.lora.tap_layers` taps a layer (KFAC) the network runs
+agree to float32 rounding rather than bit for bit. New input shapes and each switch of grad mode (training,
+prediction) may compile again (Dynamo's automatic dynamic shapes: three compiles in a 120-step OpenBookQA run,
+``benchmarks/results/compiled/``). While :func:`~blob_pyro.lora.tap_layers` taps a layer (KFAC) the network runs
 eagerly; a gradient-checkpointed network (whose recomputation replays the signs from Python) is refused.
 """
 
@@ -43,8 +44,8 @@ class CompiledNetwork:
 
     :param model: the BlobModel whose ``head`` and ``network`` it runs (read at every call, so a retargeted head
         is followed).
-    :param compile_kwargs: passed to ``torch.compile`` (``mode``, ``dynamic``, ``backend``...); ``options``
-        are merged over ``{"fallback_random": True}``.
+    :param compile_kwargs: passed to ``torch.compile`` (``mode``, ``dynamic``, ``backend``...); for Inductor (the
+        default backend) ``options`` are merged over ``{"fallback_random": True}``.
     """
 
     def __init__(self, model, **compile_kwargs):
@@ -53,12 +54,11 @@ class CompiledNetwork:
                              "Python: compile a network without checkpointing")
         self.model = model
         self.variants = [(site.layer.lora_variant[ADAPTER], site.factor) for site in model.sites]
-        options = {"fallback_random": True, **compile_kwargs.pop("options", {})}
-        backend = compile_kwargs.get("backend", "inductor")
-        if backend == "inductor":
-            compile_kwargs["options"] = options
+        if compile_kwargs.get("backend", "inductor") == "inductor":  # other backends take other options
+            compile_kwargs["options"] = {"fallback_random": True, **compile_kwargs.get("options", {})}
         self.sign_bytes: dict[tuple, int] = {}  # batch shape -> bytes of Flipout signs one call draws
         self.calls = {"eager": 0, "compiled": 0}
+        self._no_signs = SignPool(torch.empty(0, dtype=torch.uint8), "token")  # no Flipout: nothing is drawn
         self._graph = torch.compile(self._logits, **compile_kwargs)
 
     def _logits(self, batch: dict) -> torch.Tensor:
@@ -85,7 +85,7 @@ class CompiledNetwork:
             device = next(iter(self.model.network.parameters())).device
             pool = SignPool(handler.draw_bytes(nbytes, device), handler.per)
         else:
-            pool = SignPool(torch.empty(0, dtype=torch.uint8), "token")
+            pool = self._no_signs
         try:
             for (variant, factor), loc in zip(self.variants, locs):
                 if loc is not None:

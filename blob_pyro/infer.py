@@ -95,9 +95,9 @@ class _KeepTraces:
 
 class _FusedNormalDensities:
     """``Trace_ELBO._get_trace`` with the Normal latent sites' float64 log-densities computed in one pass
-    (:func:`~blob_pyro.poutine.float64.fill_normal_densities`): the same numbers, a few operators for all sites
-    instead of ~28 per site. With validation on, or a ``GuideMessenger``, Pyro's own ``get_importance_trace`` runs
-    (its checks need it; the first step of a run is validated)."""
+    (:func:`~blob_pyro.poutine.float64.fill_normal_densities`): the same numbers, one elementwise pass for all
+    sites instead of a ``log_prob`` per site and trace. With validation on, or a ``GuideMessenger``, Pyro's own
+    ``get_importance_trace`` runs (its checks need it; the first step of a run is validated)."""
 
     def _get_trace(self, model, guide, args, kwargs):
         if is_validation_enabled() or isinstance(poutine.unwrap(guide), Messenger):

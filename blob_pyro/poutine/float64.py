@@ -180,13 +180,28 @@ def _normal_of(site) -> dist.Normal | None:
     return ind.base_dist
 
 
+def _normal_pairs(model_sites: dict, guide_sites: dict) -> list[tuple]:
+    """(name, guide site, model site, q, float64 copy of p) for every latent site whose guide and prior are both a
+    :class:`Float64Density` over a float32 Normal with the whole value as its event."""
+    pairs = []
+    for name, g in guide_sites.items():
+        m = model_sites.get(name)
+        if g["type"] != "sample" or g["is_observed"] or m is None or m["type"] != "sample":
+            continue
+        q, p = _normal_of(g), _normal_of(m)
+        if q is not None and p is not None and q.loc.dtype != torch.float64:
+            pairs.append((name, g, m, q, float64_copy(p)))
+    return pairs
+
+
 def fill_normal_densities(model_trace, guide_trace) -> int:
     """Compute the float64 log-densities of every latent site whose guide and prior are both a
     :class:`Float64Density` over a Normal with the whole value as its event, in one pass over all those sites, and
     record them in both traces as ``compute_log_prob`` / ``compute_score_parts`` would (Pyro then skips the sites).
 
-    Per site Pyro builds float64 copies and runs ``Normal.log_prob`` and a sum twice, ~14 operators and their
-    backward each: for MiniLM's 12 factors ~600 of a step's operators. Here the values, means and scales of all
+    Per site Pyro builds float64 copies and runs ``Normal.log_prob`` and a sum for guide and prior, and their
+    backward: on MiniLM's 12 factors a blob step dispatches 578 operators fewer this way (2 566 -> 1 988,
+    ``benchmarks/perf.py --sections overhead``). Here the values, means and scales of all
     sites are concatenated and cast to float64 and the same elementwise formula runs once per trace; each site's
     density is the sum of its own slice, as ``Independent.log_prob`` sums it, so every site's number is the same, and
     the gradients are too (each density casts the draws itself, the model's first, as Pyro's order of computing
@@ -196,17 +211,9 @@ def fill_normal_densities(model_trace, guide_trace) -> int:
 
     :returns: the number of sites filled (per trace).
     """
-    pairs = []
-    for name, g in guide_trace.nodes.items():
-        if g["type"] != "sample" or g["is_observed"] or "log_prob" in g or "score_parts" in g:
-            continue
-        m = model_trace.nodes.get(name)
-        if m is None or m["type"] != "sample" or "log_prob" in m or m["value"] is not g["value"]:
-            continue
-        q, p = _normal_of(g), _normal_of(m)
-        if q is None or p is None or not g["fn"].has_rsample or g["value"].dtype == torch.float64:
-            continue
-        pairs.append((g, m, q, float64_copy(p)))
+    pairs = [(g, m, q, p) for _, g, m, q, p in _normal_pairs(model_trace.nodes, guide_trace.nodes)
+             if "log_prob" not in g and "score_parts" not in g and "log_prob" not in m and m["value"] is g["value"]
+             and g["fn"].has_rsample]
     if not pairs:
         return 0
     sizes = [g["value"].numel() for g, *_ in pairs]
@@ -260,23 +267,15 @@ def normal_site_kls(model_sites: dict, guide_sites: dict) -> dict[str, torch.Ten
     message), in one pass over all of them: ``{name: kl}``, each the number ``kl_divergence`` gives for that site
     (torch's Normal–Normal formula, elementwise, then the site's own sum). Other sites are not in the result.
     """
-    names, qs, ps = [], [], []
-    for name, g in guide_sites.items():
-        m = model_sites.get(name)
-        if g["type"] != "sample" or g["is_observed"] or m is None or m["type"] != "sample":
-            continue
-        q, p = _normal_of(g), _normal_of(m)
-        if q is None or p is None or q.loc.dtype == torch.float64:
-            continue
-        names.append(name)
-        qs.append(q)
-        ps.append(float64_copy(p))
-    if not names:
+    pairs = _normal_pairs(model_sites, guide_sites)
+    if not pairs:
         return {}
+    qs, ps = [q for *_, q, _ in pairs], [p for *_, p in pairs]
     q_loc, q_scale = _flat([q.loc for q in qs]).double(), _flat([q.scale for q in qs]).double()
     p_loc, p_scale = _flat([p.loc for p in ps]), _flat([p.scale for p in ps])
     # torch.distributions.kl._kl_normal_normal, elementwise
     var_ratio = (q_scale / p_scale).pow(2)
     t1 = ((q_loc - p_loc) / p_scale).pow(2)
     kl = 0.5 * (var_ratio + t1 - 1 - var_ratio.log())
-    return {name: part.sum(-1) for name, part in zip(names, kl.split([q.loc.numel() for q in qs]))}
+    sums = _site_sums(kl, [q.loc.numel() for q in qs])
+    return {name: total for (name, *_), total in zip(pairs, sums.unbind())}
