@@ -56,7 +56,7 @@ from .errors import ConfigError, TrainingError
 from .kl import closed_form_kl, make_kl_schedule
 from .optim import param_groups, register_parameters, set_lora_dropout, warmup_linear
 from .poutine import Float64Density, flipout, float64_latents, scale_latents
-from .poutine.float64 import fill_normal_densities, normal_site_kls
+from .poutine.float64 import fill_normal_densities, normal_site_kls, point_estimate_kls
 from .precision import warn_if_emulated
 from .validation import ValidateOnce, raise_if_invalid, scored_values
 
@@ -157,10 +157,13 @@ def kl_terms(model_sites: dict, guide_sites: dict) -> torch.Tensor:
     exceeds 1 (the KL of a point mass is infinite). A guide that draws through auxiliary sites (Pyro's
     ``AutoNormal``: an ``_unconstrained`` Normal, then a ``Delta`` at its transform) adds their log q, so its
     term is the one-draw estimate log q(u) + log δ − log p(θ) of its KL, as in the ELBO. The MC term reuses
-    the trace nodes' ``unscaled_log_prob`` where both have one (the same densities of the same draw).
+    the trace nodes' ``unscaled_log_prob`` where both have one (the same densities of the same draw). Normal sites
+    (guide and prior) and point estimates under a Normal prior whose density the model trace lacks (``mle``'s zero
+    weight) are computed in one pass each (:mod:`blob_pyro.poutine.float64`): the per-site numbers, bit for bit.
     """
     total = 0.0
     normal = normal_site_kls(model_sites, guide_sites)  # Normal guide and prior: all those sites in one pass
+    normal.update(point_estimate_kls(model_sites, guide_sites))  # mle's points (no prior density in its trace): the same
     for name, site in guide_sites.items():
         if site["type"] != "sample" or site["is_observed"]:
             continue

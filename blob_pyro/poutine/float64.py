@@ -24,7 +24,7 @@ from pyro.poutine.util import site_is_subsample
 from torch.distributions import kl_divergence, register_kl
 
 __all__ = ["Float64Density", "Float64Latents", "float64_latents", "as_float64", "float64_copy", "fill_normal_densities",
-           "normal_site_kls"]
+           "normal_site_kls", "point_estimate_kls"]
 
 
 _FAMILIES = ((dist.Normal, ("loc", "scale")), (dist.Laplace, ("loc", "scale")), (dist.StudentT, ("df", "loc", "scale")),
@@ -279,3 +279,40 @@ def normal_site_kls(model_sites: dict, guide_sites: dict) -> dict[str, torch.Ten
     kl = 0.5 * (var_ratio + t1 - 1 - var_ratio.log())
     sums = _site_sums(kl, [q.loc.numel() for q in qs])
     return {name: total for (name, *_), total in zip(pairs, sums.unbind())}
+
+
+def _delta_of(site) -> dist.Delta | None:
+    """The Delta inside ``site``'s Float64Density whose event is the whole value (Pyro's ``AutoDelta``), or None."""
+    fn = site["fn"]
+    if not isinstance(fn, Float64Density) or site["mask"] is not None or site["args"] or site["kwargs"]:
+        return None
+    delta, value = fn.base_dist, site["value"]
+    if (type(delta) is not dist.Delta or not torch.is_tensor(value) or delta.event_dim != value.dim()
+            or delta.v.shape != value.shape or delta.v.dtype == torch.float64):
+        return None
+    return delta
+
+
+def point_estimate_kls(model_sites: dict, guide_sites: dict) -> dict[str, torch.Tensor]:
+    """``kl_divergence(q, p)`` in float64 of every point-estimate site (a :class:`Float64Density` over a ``Delta`` at
+    v, as ``AutoDelta`` draws) whose prior is a :class:`Float64Density` over a Normal with the whole value as its event
+    and whose model trace holds no density of it (``scale_latents(0)``: ``mle``), in one pass over all of them:
+    ``{name: −log p(v)}``, each the number Pyro's Delta KL gives (torch's ``Normal.log_prob``, elementwise, then the
+    site's own sum). A site whose model trace holds its prior density is left out: the caller reads that off.
+    """
+    pairs = []
+    for name, g in guide_sites.items():
+        m = model_sites.get(name)
+        if (g["type"] != "sample" or g["is_observed"] or m is None or m["type"] != "sample"
+                or "unscaled_log_prob" in m):
+            continue
+        q, p = _delta_of(g), _normal_of(m)
+        if q is not None and p is not None and p.loc.dtype != torch.float64:
+            pairs.append((name, q, float64_copy(p)))
+    if not pairs:
+        return {}
+    value = _flat([q.v for _, q, _ in pairs]).double()
+    p_loc, p_scale = _flat([p.loc for *_, p in pairs]), _flat([p.scale for *_, p in pairs])
+    log_p = -((value - p_loc) ** 2) / (2 * p_scale**2) - p_scale.log() - _HALF_LOG_2PI  # Normal.log_prob, elementwise
+    sums = _site_sums(log_p, [q.v.numel() for _, q, _ in pairs])
+    return {name: -total for (name, *_), total in zip(pairs, sums.unbind())}

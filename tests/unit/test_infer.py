@@ -528,6 +528,36 @@ def test_logged_kl_of_normal_sites_in_one_pass_is_the_per_site_kl(guide_name, pr
         assert torch.equal(fused, kl_terms(model_trace.nodes, guide_trace.nodes))
 
 
+@pytest.mark.parametrize("guide_name, prior, fused", [("auto_delta", "normal", 4), ("auto_normal", "normal", 4),
+                                                      ("auto_delta", "laplace", 0)])
+@pytest.mark.parametrize("scale", [0.0, 0.37])
+def test_logged_kl_of_point_estimates_in_one_pass_is_the_per_site_kl(guide_name, prior, fused, scale, monkeypatch):
+    """mle's logged KL (AutoDelta under a zero KL weight, whose model trace holds no prior density): -log p(v) of
+    all sites in one pass, bit for bit what ``kl_divergence`` gives per site; with a weight the model trace's own
+    densities are read off instead (nothing computed again)."""
+    import blob_pyro.infer as infer
+    from blob_pyro.poutine.float64 import point_estimate_kls
+
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    model = tiny_model("both", prior=make_prior(prior, 0.3))
+    guide = make_guide(guide_name, model)
+    batch = model.head.collate(tiny_examples(2))
+    with _context(model, scale=scale, autocast_dtype=None, device_type="cpu"), pyro.validation_enabled(False):
+        guide_trace = poutine.trace(guide).get_trace(batch)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(batch)
+    model_trace.compute_log_prob()
+    with torch.no_grad():
+        kls = point_estimate_kls(model_trace.nodes, guide_trace.nodes)
+        assert len(kls) == (fused if scale == 0 else 0)
+        for name, kl in kls.items():
+            assert kl.dtype == torch.float64 and kl.shape == ()
+            assert torch.equal(kl, kl_divergence(guide_trace.nodes[name]["fn"], model_trace.nodes[name]["fn"]).sum())
+        fast = kl_terms(model_trace.nodes, guide_trace.nodes)
+        monkeypatch.setattr(infer, "point_estimate_kls", lambda m, g: {})
+        assert torch.equal(fast, kl_terms(model_trace.nodes, guide_trace.nodes))
+
+
 def test_kept_trace_elbo_takes_pyros_value_for_a_score_function_site():
     pyro.clear_param_store()
 
