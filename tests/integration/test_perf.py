@@ -131,6 +131,21 @@ def test_fused_densities_script_times_both_paths():
                      r"saving -?[\d.]+", proc.stdout)
 
 
+def test_step_phases_splits_the_steps_of_mle_and_blob(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "step_phases.py"), "--quick", "--out", str(tmp_path)],
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "step_phases.json").read_text())
+    table = result["median_ms"]
+    assert set(table) == {"mle", "blob"} and len(result["steps_s"]["blob"]) == 3
+    for kind in ("mle", "blob"):
+        for phase in ("network", "pyro traces", "backward", "optimizer", "logged kl"):
+            assert 0 < table[kind][phase] < table[kind]["total"], (kind, phase)
+    # mle's zero KL weight records zero densities: the one pass finds nothing to compute; blob's computes 24
+    assert table["mle"]["densities"] < table["blob"]["densities"]
+    assert "| pyro traces |" in (tmp_path / "step_phases.md").read_text()
+
+
 def test_op_counts_count_operators_and_value_reads():
     perf = _load_perf()
     x = torch.ones(3)
