@@ -34,7 +34,8 @@ def main(argv=None) -> int:
     setup = perf.build_setup(args.setup, model="minilm", seq_len=16, device="cpu")
     batch = perf.synthetic_batch(1, 16, "cpu")
     fused = {"fill_normal_densities": infer.fill_normal_densities, "normal_site_kls": infer.normal_site_kls}
-    off = {"fill_normal_densities": lambda model_trace, guide_trace: 0, "normal_site_kls": lambda m, g: {}}
+    off = {"fill_normal_densities": lambda model_trace, guide_trace, kernel=None: 0,
+           "normal_site_kls": lambda m, g, kernel=None: {}}
     for _ in range(5):  # the first step is validated (Pyro's path); a compiled network compiles on the second
         setup.step(batch)
     times = {"one pass": [], "per site": []}

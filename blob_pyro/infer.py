@@ -96,7 +96,8 @@ class _KeepTraces:
 class _FusedNormalDensities:
     """``Trace_ELBO._get_trace`` with the Normal latent sites' float64 log-densities computed in one pass
     (:func:`~blob_pyro.poutine.float64.fill_normal_densities`): the same numbers, one elementwise pass for all
-    sites instead of a ``log_prob`` per site and trace. With validation on, or a ``GuideMessenger``, Pyro's own
+    sites instead of a ``log_prob`` per site and trace (compiled with the network of a model that has one,
+    :mod:`blob_pyro.compiled`). With validation on, or a ``GuideMessenger``, Pyro's own
     ``get_importance_trace`` runs (its checks need it; the first step of a run is validated)."""
 
     def _get_trace(self, model, guide, args, kwargs):
@@ -105,7 +106,8 @@ class _FusedNormalDensities:
         guide_trace = poutine.trace(guide, graph_type="flat").get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace), graph_type="flat").get_trace(*args, **kwargs)
         guide_trace, model_trace = prune_subsample_sites(guide_trace), prune_subsample_sites(model_trace)
-        fill_normal_densities(model_trace, guide_trace)
+        fill_normal_densities(model_trace, guide_trace, kernel=getattr(getattr(model, "compiled", None), "log_densities",
+                                                                       None))
         model_trace.compute_log_prob()
         guide_trace.compute_score_parts()
         return model_trace, guide_trace
@@ -149,7 +151,7 @@ class KeepTraceMeanField_ELBO(_KeepTraces, TraceMeanField_ELBO):
 ELBOS = {"trace": KeepTrace_ELBO, "meanfield": KeepTraceMeanField_ELBO}
 
 
-def kl_terms(model_sites: dict, guide_sites: dict) -> torch.Tensor:
+def kl_terms(model_sites: dict, guide_sites: dict, normal_kernel=None) -> torch.Tensor:
     """KL(q‖p) summed over latent sites (unscaled): closed form where known, else the one-draw MC estimate.
 
     ``*_sites`` map names to trace nodes or messages. For a point-estimate (``Delta``) site the MC term is
@@ -159,10 +161,12 @@ def kl_terms(model_sites: dict, guide_sites: dict) -> torch.Tensor:
     term is the one-draw estimate log q(u) + log δ − log p(θ) of its KL, as in the ELBO. The MC term reuses
     the trace nodes' ``unscaled_log_prob`` where both have one (the same densities of the same draw). Normal sites
     (guide and prior) and point estimates under a Normal prior whose density the model trace lacks (``mle``'s zero
-    weight) are computed in one pass each (:mod:`blob_pyro.poutine.float64`): the per-site numbers, bit for bit.
+    weight) are computed in one pass each (:mod:`blob_pyro.poutine.float64`): the per-site numbers, bit for bit
+    (``normal_kernel``: a compiled copy of :func:`~blob_pyro.poutine.float64.normal_kl_sums` for the Normal sites,
+    to float64 rounding).
     """
     total = 0.0
-    normal = normal_site_kls(model_sites, guide_sites)  # Normal guide and prior: all those sites in one pass
+    normal = normal_site_kls(model_sites, guide_sites, normal_kernel)  # Normal guide and prior: all in one pass
     normal.update(point_estimate_kls(model_sites, guide_sites))  # mle's points (no prior density in its trace): the same
     for name, site in guide_sites.items():
         if site["type"] != "sample" or site["is_observed"]:
@@ -268,7 +272,8 @@ class ElboStep:
             loss = self.elbo.loss_and_grads(self.model, self.guide, batch)
             model_trace, guide_trace = self.elbo.traces
             with torch.no_grad():  # read before the optimiser moves the parameters the sites refer to
-                kl = kl_terms(model_trace.nodes, guide_trace.nodes)
+                kl = kl_terms(model_trace.nodes, guide_trace.nodes,
+                              getattr(getattr(self.model, "compiled", None), "kl_sums", None))
                 nll = _nll(model_trace.nodes["obs"])
                 # one transfer for the three numbers the log keeps (each float64 conversion is exact)
                 loss, nll, kl = torch.stack([torch.as_tensor(loss, dtype=torch.float64, device=nll.device),

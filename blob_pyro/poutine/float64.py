@@ -24,7 +24,7 @@ from pyro.poutine.util import site_is_subsample
 from torch.distributions import kl_divergence, register_kl
 
 __all__ = ["Float64Density", "Float64Latents", "float64_latents", "as_float64", "float64_copy", "fill_normal_densities",
-           "normal_site_kls", "point_estimate_kls"]
+           "normal_log_densities", "normal_site_kls", "normal_kl_sums", "point_estimate_kls"]
 
 
 _FAMILIES = ((dist.Normal, ("loc", "scale")), (dist.Laplace, ("loc", "scale")), (dist.StudentT, ("df", "loc", "scale")),
@@ -194,21 +194,20 @@ def _normal_pairs(model_sites: dict, guide_sites: dict) -> list[tuple]:
     return pairs
 
 
-def fill_normal_densities(model_trace, guide_trace) -> int:
+def fill_normal_densities(model_trace, guide_trace, kernel=None) -> int:
     """Compute the float64 log-densities of every latent site whose guide and prior are both a
     :class:`Float64Density` over a Normal with the whole value as its event, in one pass over all those sites, and
     record them in both traces as ``compute_log_prob`` / ``compute_score_parts`` would (Pyro then skips the sites).
 
     Per site Pyro builds float64 copies and runs ``Normal.log_prob`` and a sum for guide and prior, and their
     backward: on MiniLM's 12 factors a blob step dispatches 578 operators fewer this way (2 566 -> 1 988,
-    ``benchmarks/perf.py --sections overhead``). Here the values, means and scales of all
-    sites are concatenated and cast to float64 and the same elementwise formula runs once per trace; each site's
-    density is the sum of its own slice, as ``Independent.log_prob`` sums it, so every site's number is the same, and
-    the gradients are too (each density casts the draws itself, the model's first, as Pyro's order of computing
-    them does: the float32 additions that bring the gradients back to a draw are the same, in the same order). A reparameterised
-    guide site's score parts are (log q, 0, log q), as Pyro's. Sites that do not qualify (another family, a
-    transformed or low-rank guide, a point estimate, a density already recorded) are left to Pyro.
+    ``benchmarks/perf.py --sections overhead``). :func:`normal_log_densities` computes every site's number as Pyro
+    does, and the gradients too. A reparameterised guide site's score parts are (log q, 0, log q), as Pyro's. Sites
+    that do not qualify (another family, a transformed or low-rank guide, a point estimate, a density already
+    recorded) are left to Pyro.
 
+    :param kernel: what computes the densities, with :func:`normal_log_densities`'s arguments and result (default:
+        that function; a compiled network passes its compiled copy of it, :mod:`blob_pyro.compiled`).
     :returns: the number of sites filled (per trace).
     """
     pairs = [(g, m, q, p) for _, g, m, q, p in _normal_pairs(model_trace.nodes, guide_trace.nodes)
@@ -216,18 +215,12 @@ def fill_normal_densities(model_trace, guide_trace) -> int:
              and g["fn"].has_rsample]
     if not pairs:
         return 0
-    sizes = [g["value"].numel() for g, *_ in pairs]
-    values = [g["value"] for g, *_ in pairs]
-    # the model's densities first, each density with its own cast of the draws (see the docstring)
     with torch.no_grad():  # the priors' copies are constants
         p_loc, p_scale = _flat([p.loc for *_, p in pairs]), _flat([p.scale for *_, p in pairs])
-    value = _flat(values).double()
-    log_p = -((value - p_loc) ** 2) / (2 * p_scale**2) - p_scale.log() - _HALF_LOG_2PI  # Normal.log_prob, elementwise
-    value = _flat(values).double()
-    q_loc, q_scale = _flat([q.loc for _, _, q, _ in pairs]).double(), _flat([q.scale for _, _, q, _ in pairs]).double()
-    log_q = -((value - q_loc) ** 2) / (2 * q_scale**2) - q_scale.log() - _HALF_LOG_2PI
+    log_q, log_p = (kernel or normal_log_densities)(
+        [g["value"] for g, *_ in pairs], p_loc, p_scale, [q.loc for _, _, q, _ in pairs],
+        [q.scale for _, _, q, _ in pairs], tuple(g["value"].numel() for g, *_ in pairs))
     guides, models = [g for g, *_ in pairs], [m for _, m, *_ in pairs]
-    log_q, log_p = _site_sums(log_q, sizes), _site_sums(log_p, sizes)  # (S,): each site's density
     for sites, unscaled in ((models, log_p), (guides, log_q)):
         scaled = _scaled(unscaled, [site["scale"] for site in sites])
         for site, u, lp in zip(sites, unscaled.unbind(), scaled):
@@ -236,6 +229,27 @@ def fill_normal_densities(model_trace, guide_trace) -> int:
             if sites is guides:  # reparameterised: (log q, no score function, log q)
                 site["score_parts"] = ScoreParts(lp, 0, lp)
     return len(pairs)
+
+
+def normal_log_densities(values, p_loc, p_scale, q_locs, q_scales, sizes) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log q, log p), each (S,) float64: every site's Normal log-density of its draw under the guide and the prior.
+
+    :param values: the S draws (float32, any shapes); ``q_locs``, ``q_scales``: the guide's parameters, shaped alike.
+    :param p_loc, p_scale: the priors' parameters, float64, flat and concatenated in the sites' order.
+    :param sizes: each site's number of entries.
+
+    The draws, means and scales of all sites are concatenated and cast to float64 and torch's ``Normal.log_prob``
+    runs elementwise once per side; each site's density is the sum of its own slice, as ``Independent.log_prob``
+    sums it, so every number is Pyro's per-site one, and the gradients are too: each density casts the draws
+    itself, the model's first, as Pyro's order of computing them does (the float32 additions that bring the
+    gradients back to a draw are the same, in the same order).
+    """
+    value = _flat(values).double()
+    log_p = -((value - p_loc) ** 2) / (2 * p_scale**2) - p_scale.log() - _HALF_LOG_2PI  # Normal.log_prob, elementwise
+    value = _flat(values).double()
+    q_loc, q_scale = _flat(q_locs).double(), _flat(q_scales).double()
+    log_q = -((value - q_loc) ** 2) / (2 * q_scale**2) - q_scale.log() - _HALF_LOG_2PI
+    return _site_sums(log_q, sizes), _site_sums(log_p, sizes)
 
 
 def _site_sums(flat: torch.Tensor, sizes: list[int]) -> torch.Tensor:
@@ -261,24 +275,38 @@ def _scaled(unscaled: torch.Tensor, scales: list) -> list[torch.Tensor]:
     return [scale_and_mask(u, c) for u, c in zip(unscaled.unbind(), scales)]
 
 
-def normal_site_kls(model_sites: dict, guide_sites: dict) -> dict[str, torch.Tensor]:
+def normal_site_kls(model_sites: dict, guide_sites: dict, kernel=None) -> dict[str, torch.Tensor]:
     """KL(q‖p) in float64, summed over each site's entries, of every latent site whose guide and prior are both a
     :class:`Float64Density` over a Normal with the whole value as its event (``*_sites``: name -> trace node or
     message), in one pass over all of them: ``{name: kl}``, each the number ``kl_divergence`` gives for that site
-    (torch's Normal–Normal formula, elementwise, then the site's own sum). Other sites are not in the result.
+    (:func:`normal_kl_sums`). Other sites are not in the result.
+
+    :param kernel: what computes the sums, with :func:`normal_kl_sums`'s arguments and result (default: that
+        function; a compiled network passes its compiled copy of it, :mod:`blob_pyro.compiled`).
     """
     pairs = _normal_pairs(model_sites, guide_sites)
     if not pairs:
         return {}
     qs, ps = [q for *_, q, _ in pairs], [p for *_, p in pairs]
-    q_loc, q_scale = _flat([q.loc for q in qs]).double(), _flat([q.scale for q in qs]).double()
-    p_loc, p_scale = _flat([p.loc for p in ps]), _flat([p.scale for p in ps])
+    sums = (kernel or normal_kl_sums)([q.loc for q in qs], [q.scale for q in qs], _flat([p.loc for p in ps]),
+                                      _flat([p.scale for p in ps]), tuple(q.loc.numel() for q in qs))
+    return {name: total for (name, *_), total in zip(pairs, sums.unbind())}
+
+
+def normal_kl_sums(q_locs, q_scales, p_loc, p_scale, sizes) -> torch.Tensor:
+    """(S,) float64: each site's KL(q‖p) between Normals, summed over its entries (torch's Normal–Normal formula,
+    elementwise on the concatenated sites, then each site's own sum: the numbers ``kl_divergence`` gives).
+
+    :param q_locs, q_scales: the guide's parameters of the S sites (float32, any shapes).
+    :param p_loc, p_scale: the priors' parameters, float64, flat and concatenated in the sites' order.
+    :param sizes: each site's number of entries.
+    """
+    q_loc, q_scale = _flat(q_locs).double(), _flat(q_scales).double()
     # torch.distributions.kl._kl_normal_normal, elementwise
     var_ratio = (q_scale / p_scale).pow(2)
     t1 = ((q_loc - p_loc) / p_scale).pow(2)
     kl = 0.5 * (var_ratio + t1 - 1 - var_ratio.log())
-    sums = _site_sums(kl, [q.loc.numel() for q in qs])
-    return {name: total for (name, *_), total in zip(pairs, sums.unbind())}
+    return _site_sums(kl, sizes)
 
 
 def _delta_of(site) -> dist.Delta | None:

@@ -28,10 +28,21 @@ def _room_for_every_graph():
     torch._dynamo.config.cache_size_limit = before
 
 
+def _counted(fn, calls: list):
+    def counted(*args):
+        calls.append(1)
+        return fn(*args)
+    return counted
+
+
 def _train(compiled: bool, *, factor="B", flipout_per="token", guide="blob", lora_dropout=0.0, steps=5, n=16):
     pyro.clear_param_store()
     model = tiny_model(factor, num_data=n, flipout=flipout_per, lora_dropout=lora_dropout)
     net = model.compile_network() if compiled else None
+    if net is not None:  # the ELBO step takes the latent densities and the logged KL from the compiled kernels
+        net.kernel_calls = {"log_densities": [], "kl_sums": []}
+        for name, calls in net.kernel_calls.items():
+            setattr(net, name, _counted(getattr(net, name), calls))
     g = make_guide(guide, model)
     log = fit(model, g, tiny_examples(n), FitConfig(max_steps=steps, batch_size=4, lr=1e-2, seed=3,
                                                     kl_schedule="standard"), progress=False)
@@ -50,9 +61,11 @@ def test_training_compiled_matches_eager(factor, per, dropout):
     *_, eager_losses, eager_params = _train(False, factor=factor, flipout_per=per, lora_dropout=dropout)
     graphs = _graphs()
     model, _, net, losses, params = _train(True, factor=factor, flipout_per=per, lora_dropout=dropout)
-    # the first call of the batch shape ran eagerly and counted its signs; every later step ran one graph
+    # the first call of the batch shape ran eagerly and counted its signs; every later step ran one graph; the
+    # densities (unvalidated steps: all but the first) and the logged KL (every step) a graph each
     assert net.calls == {"eager": 1, "compiled": 4}
-    assert _graphs() - graphs == 1
+    assert {k: len(v) for k, v in net.kernel_calls.items()} == {"log_densities": 4, "kl_sums": 5}
+    assert _graphs() - graphs == 3
     (nbytes,) = net.sign_bytes.values()
     per_token = {"token": 4 * 3, "sequence": 4}[per]  # signs per input row: B x T tokens or B sequences
     widths = {"A": [(6, 2), (8, 2)], "B": [(2, 8), (2, 8)], "both": [(6, 2), (2, 8), (8, 2), (2, 8)]}[factor]
@@ -62,6 +75,42 @@ def test_training_compiled_matches_eager(factor, per, dropout):
     assert params.keys() == eager_params.keys()
     for name in params:
         torch.testing.assert_close(params[name], eager_params[name], rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_density_and_kl_kernels_compute_the_eager_numbers_and_gradients():
+    """The latent sites' float64 densities and closed-form KL as compiled graphs: Inductor's fused loops may sum in
+    another order, so the numbers and gradients agree to float64 rounding, not bit for bit."""
+    from blob_pyro.poutine.float64 import normal_kl_sums, normal_log_densities
+
+    torch._dynamo.reset()
+    net = tiny_model("both").compile_network()
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(8, 2), (2, 6), (8, 2), (2, 6), (3, 3)]  # runs of equal sizes, and a lone site
+    sizes = tuple(a * b for a, b in shapes)
+
+    def inputs():
+        gen.manual_seed(0)
+        locs = [(0.1 * torch.randn(s, generator=gen)).requires_grad_() for s in shapes]
+        scales = [(0.05 + 0.1 * torch.rand(s, generator=gen)).requires_grad_() for s in shapes]
+        values = [loc + scale * torch.randn(s, generator=gen) for loc, scale, s in zip(locs, scales, shapes)]
+        p_loc = torch.zeros(sum(sizes), dtype=torch.float64)
+        p_scale = torch.full((sum(sizes),), 0.2, dtype=torch.float64)
+        return locs, scales, values, p_loc, p_scale
+
+    out = {}
+    for name, densities, kls in (("eager", normal_log_densities, normal_kl_sums),
+                                 ("compiled", net.log_densities, net.kl_sums)):
+        locs, scales, values, p_loc, p_scale = inputs()
+        log_q, log_p = densities(values, p_loc, p_scale, locs, scales, sizes)
+        assert log_q.shape == log_p.shape == (len(shapes),) and log_q.dtype == torch.float64
+        (log_q.sum() - 2 * log_p.sum()).backward()
+        with torch.no_grad():
+            kl = kls(locs, scales, p_loc, p_scale, sizes)
+        out[name] = (log_q.detach(), log_p.detach(), kl, [t.grad for t in locs + scales])
+    for eager, compiled in zip(out["eager"][:3], out["compiled"][:3]):
+        torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-12)
+    for eager, compiled in zip(out["eager"][3], out["compiled"][3]):
+        torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-7)  # float32 parameters' gradients
 
 
 def test_paper_preset_compiled_matches_eager():

@@ -485,7 +485,7 @@ def test_unvalidated_steps_compute_normal_densities_in_one_pass_to_the_same_numb
     guide = make_guide(guide_name, model)
     batch = model.head.collate(tiny_examples(4))
     filled, fill = [], infer.fill_normal_densities
-    monkeypatch.setattr(infer, "fill_normal_densities", lambda m, g: filled.append(fill(m, g)) or filled[-1])
+    monkeypatch.setattr(infer, "fill_normal_densities", lambda m, g, kernel=None: filled.append(fill(m, g, kernel)) or filled[-1])
     with pyro.validation_enabled(False):
         expected, expected_grads, _ = _loss_and_grads(Trace_ELBO(num_particles=particles), model, guide, batch, 0.37,
                                                       monkeypatch)
@@ -524,7 +524,7 @@ def test_logged_kl_of_normal_sites_in_one_pass_is_the_per_site_kl(guide_name, pr
         assert torch.equal(kl, kl_divergence(guide_trace.nodes[name]["fn"], model_trace.nodes[name]["fn"]))
     with torch.no_grad():
         fused = kl_terms(model_trace.nodes, guide_trace.nodes)
-        monkeypatch.setattr(infer, "normal_site_kls", lambda m, g: {})
+        monkeypatch.setattr(infer, "normal_site_kls", lambda m, g, kernel=None: {})
         assert torch.equal(fused, kl_terms(model_trace.nodes, guide_trace.nodes))
 
 
