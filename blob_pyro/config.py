@@ -138,8 +138,8 @@ class RuntimeConfig:
     load_in_8bit: bool = _f(False, "load the backbone in 8-bit (bitsandbytes)")
     load_in_4bit: bool = _f(False, "load the backbone in 4-bit (bitsandbytes)")
     gradient_checkpointing: bool = _f(False, "recompute the frozen backbone's block activations in backward")
-    compile: bool = _f(False, "torch.compile the network (backbone, LoRA, Flipout; Pyro stays eager): fewer operators "
-                              "per step, a compile per new batch shape")
+    compile: bool = _f(False, "torch.compile the network (backbone, LoRA, Flipout) and the latent densities (Pyro stays "
+                              "eager): fewer operators per step, a compile per new batch shape")
     trust_remote_code: bool = _f(False, "allow custom model code from the hub (off unless you ask)")
     checkpoint_every: int = _f(0, "write a resumable checkpoint every K steps (0: off)")
 
