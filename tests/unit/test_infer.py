@@ -19,6 +19,7 @@ from blob_pyro.infer import ElboStep, KeepTrace_ELBO, PaperStep, _context, fit, 
 from blob_pyro.kl import closed_form_kl
 from blob_pyro.optim import register_parameters
 from blob_pyro.poutine import float64_latents
+from blob_pyro.poutine.float64 import normal_site_kls
 from blob_pyro.priors import make_prior
 
 from .tiny import store_snapshot, tiny_examples, tiny_model
@@ -503,12 +504,20 @@ def test_unvalidated_steps_compute_normal_densities_in_one_pass_to_the_same_numb
             assert torch.equal(node["log_prob"], node["unscaled_log_prob"] * node["scale"])
         parts = guide_trace.nodes[site.name]["score_parts"]
         assert torch.equal(parts.entropy_term, parts.log_prob) and parts.score_function == 0
+    # the one pass also recorded each filled site's closed-form KL: what the logged KL reads, the numbers computed anew
+    recorded = {n: s["closed_form_kl"] for n, s in guide_trace.nodes.items() if "closed_form_kl" in s}
+    assert len(recorded) == fused
+    for node in guide_trace.nodes.values():
+        node.pop("closed_form_kl", None)
+    with torch.no_grad():
+        fresh = normal_site_kls(model_trace.nodes, guide_trace.nodes)
+    assert recorded.keys() <= fresh.keys()
+    assert all(torch.equal(kl, fresh[n]) and not kl.requires_grad for n, kl in recorded.items())
 
 
 @pytest.mark.parametrize("guide_name, prior", [("blob", "normal"), ("blob", "laplace"), ("lowrank", "normal")])
 def test_logged_kl_of_normal_sites_in_one_pass_is_the_per_site_kl(guide_name, prior, monkeypatch):
     import blob_pyro.infer as infer
-    from blob_pyro.poutine.float64 import normal_site_kls
 
     pyro.clear_param_store()
     model = tiny_model("both", prior=make_prior(prior, 0.3))
