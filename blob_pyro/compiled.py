@@ -7,10 +7,10 @@
 
 At small sizes a step's cost is the number of operators it dispatches more than the arithmetic (see
 ``benchmarks/results/perf.md``): the network's forward and backward are most of them, and a compiled graph fuses
-them. The ELBO's one-pass float64 densities of the latent sites
+them. The ELBO's one-pass float64 densities of the latent sites and their closed-form KL
 (:func:`~blob_pyro.poutine.float64.normal_log_densities`: elementwise over every entry of every factor, and their
-backward) and the logged closed-form KL (:func:`~blob_pyro.poutine.float64.normal_kl_sums`) run as two more small
-graphs. Pyro's traces, the guide's draws and the priors stay outside the graphs, as do the Flipout handler and its
+backward) run as a second, small graph; the logged KL of a step without them (a run's validated first step,
+:func:`~blob_pyro.poutine.float64.normal_kl_sums`) as a third. Pyro's traces, the guide's draws and the priors stay outside the graphs, as do the Flipout handler and its
 random draws: before the graph runs, the mean of every bound draw is looked up in the handler and the
 sign bits of the whole call are drawn in one call of the handler's generator (:class:`~blob_pyro.poutine.flipout.
 SignPool`), which on a CPU gives the same bits as the per-layer draws of an eager call (on a GPU, where the
@@ -64,7 +64,7 @@ class CompiledNetwork:
         self.calls = {"eager": 0, "compiled": 0}
         self._no_signs = SignPool(torch.empty(0, dtype=torch.uint8), "token")  # no Flipout: nothing is drawn
         self._graph = torch.compile(self._logits, **compile_kwargs)
-        # what the ELBO step hands fill_normal_densities and its logged KL for this model (blob_pyro.infer)
+        # what the ELBO step hands fill_normal_densities and normal_site_kls for this model (blob_pyro.infer)
         self.log_densities = torch.compile(normal_log_densities, **compile_kwargs)
         self.kl_sums = torch.compile(normal_kl_sums, **compile_kwargs)
 
