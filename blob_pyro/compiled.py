@@ -10,9 +10,11 @@ At small sizes a step's cost is the number of operators it dispatches more than 
 them. The ELBO's one-pass float64 densities of the latent sites and their closed-form KL
 (:func:`~blob_pyro.poutine.float64.normal_log_densities`: elementwise over every entry of every factor, and their
 backward) run as a second, small graph; the logged KL of a step without them (a run's validated first step,
-:func:`~blob_pyro.poutine.float64.normal_kl_sums`) as a third. Pyro's traces, the guide's draws and the priors stay outside the graphs, as do the Flipout handler and its
-random draws: before the graph runs, the mean of every bound draw is looked up in the handler and the
-sign bits of the whole call are drawn in one call of the handler's generator (:class:`~blob_pyro.poutine.flipout.
+:func:`~blob_pyro.poutine.float64.normal_kl_sums`) as a third. The ELBO step then takes torch's fused AdamW (one
+kernel for all parameters; it rounds differently from the eager CPU step's multi-tensor kernels, as on CUDA).
+Pyro's traces, the guide's draws and the priors stay outside the graphs, as do the Flipout handler and its random
+draws: before the graph runs, the mean of every bound draw is looked up in the handler and the sign bits of the
+whole call are drawn in one call of the handler's generator (:class:`~blob_pyro.poutine.flipout.
 SignPool`), which on a CPU gives the same bits as the per-layer draws of an eager call (on a GPU, where the
 generator spreads a draw over threads by its size, other bits of the same distribution). How many bytes a call
 needs depends on the batch's shape: the first call of every new shape runs eagerly and counts them.

@@ -66,7 +66,8 @@ __all__ = ["fit", "make_step", "ElboStep", "PaperStep", "kl_terms", "resolved_fi
 STATE_FORMAT = "blob_pyro.grouped_adamw"  # the ELBO step's optimiser state (checkpoints)
 # torch picks the per-tensor Python loop on CPU; the multi-tensor kernels do the same arithmetic per element
 # (bit-identical parameters, tests/unit/test_infer.py) without a Python round per parameter. Fused AdamW is not
-# bit-identical to either, so it is used only where it was before (float32 on CUDA).
+# bit-identical to either, so the ELBO step uses it only where the numbers differ from the eager CPU step's anyway
+# (float32 on CUDA, a compiled network).
 _FOREACH = True
 
 
@@ -257,7 +258,10 @@ class ElboStep:
         self.groups = [g for g in groups if g["params"]]
         self.names = [n for g in self.groups for n in g["names"]]
         self.params = [p for g in self.groups for p in g["params"]]
-        fused = all(p.is_cuda and p.dtype == torch.float32 for p in self.params) or None
+        # fused AdamW (one kernel for all parameters) rounds differently from the multi-tensor one: it is taken where the
+        # numbers already differ from the eager CPU step's, on CUDA and with a compiled network (blob_pyro.compiled)
+        compiled = getattr(model, "compiled", None) is not None
+        fused = all((p.is_cuda or compiled) and p.dtype == torch.float32 for p in self.params) or None
         self.optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k not in ("names", "key")} for g in self.groups],
                                            fused=fused, foreach=_FOREACH if not fused else None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_linear(cfg.max_steps,

@@ -117,6 +117,22 @@ def test_compiled_density_and_kl_kernels_compute_the_eager_numbers_and_gradients
         torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-7)  # float32 parameters' gradients
 
 
+def test_the_elbo_step_of_a_compiled_network_takes_fused_adamw():
+    """One kernel for all parameters where the numbers already differ from the eager CPU step's (they do here by
+    float32 rounding: the training test above bounds the parameters with it); the eager step keeps the
+    multi-tensor kernels, bit-identical to torch's per-tensor loop."""
+    from blob_pyro.infer import make_step
+
+    for compiled in (False, True):
+        pyro.clear_param_store()
+        model = tiny_model("B")
+        if compiled:
+            model.compile_network()  # lazy: nothing compiles until the network is called
+        step = make_step(model, make_guide("blob", model), FitConfig(max_steps=3))
+        defaults = step.optimizer.defaults
+        assert (defaults["fused"], defaults["foreach"]) == ((True, None) if compiled else (None, True))
+
+
 def test_paper_preset_compiled_matches_eager():
     """The paper's step (factor A, AdamW on the NLL, SGD on the closed-form KL) runs backward after its handlers
     exit: the graph keeps what backward needs."""
