@@ -25,7 +25,9 @@ Configurations (same backbone, synthetic fixed-length batch, LoRA r=8 on query/v
   blob_pyro's bookkeeping;
 - ``lora_compiled``, ``mle_compiled``, ``blob_compiled`` (``--compiled``, step and overhead sections): plain LoRA with
   ``torch.compile`` of the PEFT network, and mle / blob with ``--compile true`` (the network part compiled,
-  Pyro eager; :mod:`blob_pyro.compiled`). Each is compiled and warmed up before the timed rounds.
+  Pyro eager; :mod:`blob_pyro.compiled`). Each is compiled and warmed up before the timed rounds;
+- ``blob_compiled_cpp`` (``--compiled``, overhead section, CPU only): ``blob_compiled`` with Inductor's C++ wrapper
+  (``compile_cpp_wrapper=true``).
 
 Sections: ``step`` (step time), ``memory`` (peak memory; each configuration in a fresh subprocess),
 ``predict`` (S=10 sequential and sample-batched vs one posterior-mean pass), ``overhead`` (the fixed cost
@@ -76,6 +78,7 @@ SECTIONS = ("step", "memory", "predict", "overhead", "layer", "sweep")
 COMPARE_SECTIONS = ("step", "memory", "predict", "overhead")
 SETUPS = ("lora_torch", "mle", "blob", "blob_seq", "paper", "blob_torch")
 COMPILED_SETUPS = ("lora_compiled", "mle_compiled", "blob_compiled")
+CPP_SETUPS = ("blob_compiled_cpp",)  # the overhead section's on a CPU: blob with compile_cpp_wrapper
 STEP_SETUPS = ("lora_torch", "mle", "blob", "blob_seq")
 NUM_DATA = 640  # N for the likelihood scale and KL weight (WinoGrande-S size); does not change the cost
 CLOSE = 0.02  # --compare-src: a figure within 2 % of the other side's counts as unchanged
@@ -216,6 +219,8 @@ def build_setup(kind: str, *, model: str, seq_len: int, device: str, lora_layers
     torch.manual_seed(seed)
     if kind in ("lora_torch", "lora_compiled"):
         return _lora_torch(model, seq_len, device, lora_layers, lr, compiled=kind == "lora_compiled")
+    cpp = kind.endswith("_cpp")
+    kind = kind.removesuffix("_cpp")
     compiled = kind.endswith("_compiled")
     kind = kind.removesuffix("_compiled")
     settings = dict(model=model, dataset="winogrande_s", head="sequence_classification",
@@ -230,7 +235,7 @@ def build_setup(kind: str, *, model: str, seq_len: int, device: str, lora_layers
         run.model.num_data = NUM_DATA
         run.model.network.eval()
         if compiled:
-            run.model.compile_network()
+            run.model.compile_network(**({"options": {"cpp_wrapper": True}} if cpp else {}))
         if kind == "blob_torch":
             step = _blob_torch_step(run.model, run.guide, lr, settings["flipout_per"])
         else:
@@ -239,7 +244,8 @@ def build_setup(kind: str, *, model: str, seq_len: int, device: str, lora_layers
 
             def step(batch):
                 return stepper.step(batch, weight, NUM_DATA)["loss"]
-    return Setup(kind + ("_compiled" if compiled else ""), step, slot, run.model, run.guide, modules=[run.model.network])
+    return Setup(kind + ("_compiled" if compiled else "") + ("_cpp" if cpp else ""), step, slot, run.model, run.guide,
+                 modules=[run.model.network])
 
 
 def _lora_torch(model: str, seq_len: int, device: str, lora_layers, lr: float, compiled: bool = False) -> Setup:
@@ -460,7 +466,7 @@ def step_fns(args, seq_len: int, compiled: bool = False) -> dict:
 
 
 def _warm_compiled(setups: dict, batch) -> None:
-    for k in COMPILED_SETUPS:
+    for k in COMPILED_SETUPS + CPP_SETUPS:
         for _ in range(3 if k in setups else 0):  # blob's first call of a shape counts its signs eagerly; the second compiles
             setups[k].step(batch)
 
@@ -492,7 +498,9 @@ OVERHEAD_SIZE = (1, 16)  # B, T: the network costs almost nothing
 
 def overhead_fns(args, compiled: bool = False) -> dict:
     batch_size, seq_len = OVERHEAD_SIZE
-    kinds = SETUPS + (COMPILED_SETUPS if compiled else ())
+    # the C++ wrapper on a CPU only: a GPU's GPU-side compile of it is untried here and would eat the GPU check's minutes
+    cpp = CPP_SETUPS if torch.device(args.device).type == "cpu" else ()
+    kinds = SETUPS + (COMPILED_SETUPS + cpp if compiled else ())
     setups = {k: build_setup(k, model=args.model, seq_len=seq_len, device=args.device) for k in kinds}
     batch = synthetic_batch(batch_size, seq_len, args.device)
     _warm_compiled(setups, batch)
@@ -611,10 +619,13 @@ def section_overhead(args, log, ctx) -> dict:
            "pyro_ms_blob": diff("blob", "blob_torch"), "pyro_ms_mle": diff("mle", "lora_torch")}
     if compiled:  # the fixed cost left with the network compiled, against eager and against compiled plain LoRA
         out["compiled_over_lora_ms"] = {k: diff(f"{k}_compiled", "lora_torch") for k in ("mle", "blob")}
+        pairs = (("blob_compiled", "lora_torch"), ("mle_compiled", "lora_torch"), ("blob_compiled", "blob"),
+                 ("mle_compiled", "mle"), ("lora_compiled", "lora_torch"), ("blob_compiled", "lora_compiled"))
+        if "blob_compiled_cpp" in times:
+            out["compiled_over_lora_ms"]["blob_cpp"] = diff("blob_compiled_cpp", "lora_torch")
+            pairs += (("blob_compiled_cpp", "lora_torch"), ("blob_compiled_cpp", "blob_compiled"))
         out["compiled_over_lora_compiled_ms"] = {k: diff(f"{k}_compiled", "lora_compiled") for k in ("mle", "blob")}
-        out["compiled_ratio"] = {f"{a}/{b}": paired(times, a, b)["median"] for a, b in (
-            ("blob_compiled", "lora_torch"), ("mle_compiled", "lora_torch"), ("blob_compiled", "blob"),
-            ("mle_compiled", "mle"), ("lora_compiled", "lora_torch"), ("blob_compiled", "lora_compiled"))}
+        out["compiled_ratio"] = {f"{a}/{b}": paired(times, a, b)["median"] for a, b in pairs}
     log(f"overhead B={batch_size} T={seq_len}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items()))
     if isinstance(ctx, Local):
         fns = FNS["overhead"](args)
@@ -1099,6 +1110,11 @@ def markdown(results: dict) -> str:
                       f"| {m['lora_compiled']:.1f} | {m['mle_compiled']:.1f} | {m['blob_compiled']:.1f} | "
                       f"{d['blob']:.1f} | {d['mle']:.1f} | {comp['blob_compiled/lora_torch']:.3f} | "
                       f"{comp['blob_compiled/blob']:.3f} | {dc['blob']:.1f} |", ""]
+            if "blob_compiled_cpp" in m:  # measured since compile_cpp_wrapper
+                lines += [f"With Inductor's C++ wrapper (`compile_cpp_wrapper=true`): blob {m['blob_compiled_cpp']:.1f} ms, "
+                          f"{d['blob_cpp']:.1f} ms over LoRA (PyTorch), "
+                          f"{comp['blob_compiled_cpp/lora_torch']:.3f} × LoRA (PyTorch), "
+                          f"{comp['blob_compiled_cpp/blob_compiled']:.3f} × blob compiled.", ""]
         if ops:
             lines += ["**Operators per step** at the same size (aten operators not called inside another one, forward "
                       "and backward, from one profiled step; "

@@ -5,7 +5,7 @@ configuration into the same phases, measured inside the step by wrapping the fun
 difference between plain LoRA and BLoB can be read off phase by phase::
 
     python benchmarks/step_phases.py --rounds 100                      # eager: lora_torch, blob_torch, mle, blob
-    python benchmarks/step_phases.py --rounds 100 --compiled           # and lora/mle/blob with the network compiled
+    python benchmarks/step_phases.py --rounds 100 --compiled           # and lora/mle/blob compiled, blob C++-wrapped
     python benchmarks/step_phases.py --quick                           # smoke run (2 configurations, 3 rounds)
 
 Phases (process CPU time, median over rounds of each step's phase; ``total`` is the median step):
@@ -44,7 +44,7 @@ from blob_pyro.compiled import CompiledNetwork  # noqa: E402
 
 PHASES = ("network", "pyro traces", "densities", "logged kl", "backward", "optimizer", "zero_grad", "rest")
 EAGER = ("lora_torch", "blob_torch", "mle", "blob")
-COMPILED = ("lora_compiled", "mle_compiled", "blob_compiled")
+COMPILED = ("lora_compiled", "mle_compiled", "blob_compiled", "blob_compiled_cpp")
 
 
 class Clock:

@@ -51,7 +51,9 @@ class CompiledNetwork:
     :param model: the BlobModel whose ``head`` and ``network`` it runs (read at every call, so a retargeted head
         is followed).
     :param compile_kwargs: passed to ``torch.compile`` (``mode``, ``dynamic``, ``backend``...); for Inductor (the
-        default backend) ``options`` are merged over ``{"fallback_random": True}``.
+        default backend) ``options`` are merged over ``{"fallback_random": True}``. ``options={"cpp_wrapper": True}``
+        (``compile_cpp_wrapper=true``) has Inductor write the code around the compiled kernels in C++: the same
+        numbers with less Python per call, for longer compiles (``benchmarks/results/compiled/``).
     """
 
     def __init__(self, model, **compile_kwargs):
@@ -62,6 +64,7 @@ class CompiledNetwork:
         self.variants = [(site.layer.lora_variant[ADAPTER], site.factor) for site in model.sites]
         if compile_kwargs.get("backend", "inductor") == "inductor":  # other backends take other options
             compile_kwargs["options"] = {"fallback_random": True, **compile_kwargs.get("options", {})}
+        self.compile_kwargs = compile_kwargs  # what every graph here is compiled with
         self.sign_bytes: dict[tuple, int] = {}  # batch shape -> bytes of Flipout signs one call draws
         self.calls = {"eager": 0, "compiled": 0}
         self._no_signs = SignPool(torch.empty(0, dtype=torch.uint8), "token")  # no Flipout: nothing is drawn

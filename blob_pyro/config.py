@@ -140,6 +140,8 @@ class RuntimeConfig:
     gradient_checkpointing: bool = _f(False, "recompute the frozen backbone's block activations in backward")
     compile: bool = _f(False, "torch.compile the network (backbone, LoRA, Flipout) and the latent densities (Pyro stays "
                               "eager): fewer operators per step, a compile per new batch shape")
+    compile_cpp_wrapper: bool = _f(False, "with compile: Inductor's C++ wrapper around the compiled kernels (the same "
+                                          "numbers, less Python per call; compiles take longer)")
     trust_remote_code: bool = _f(False, "allow custom model code from the hub (off unless you ask)")
     checkpoint_every: int = _f(0, "write a resumable checkpoint every K steps (0: off)")
 
@@ -307,6 +309,8 @@ class RunConfig:
                               f"method={self.method} trains its own (drop from_run)")
         if self.runtime.load_in_8bit and self.runtime.load_in_4bit:
             raise ConfigError("load_in_8bit and load_in_4bit exclude each other; choose one")
+        if self.runtime.compile_cpp_wrapper and not self.runtime.compile:
+            raise ConfigError("compile_cpp_wrapper sets how compile=true compiles; set compile=true or leave it off")
         if self.runtime.compile and self.runtime.gradient_checkpointing:
             raise ConfigError("compile and gradient_checkpointing exclude each other: checkpointed blocks replay "
                               "Flipout's signs from Python; choose one")

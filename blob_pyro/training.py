@@ -140,7 +140,7 @@ def build_model(cfg: RunConfig, *, num_data: int = 1, adapter_dir: str | os.Path
     model = BlobModel(network, head, bayesian_factor=bayes.bayesian_factor, prior=prior, num_data=num_data,
                       flipout=bayes.flipout_per if bayes.flipout else None)
     if rt.compile:
-        model.compile_network()
+        model.compile_network(**({"options": {"cpp_wrapper": True}} if rt.compile_cpp_wrapper else {}))
     return model
 
 
@@ -168,7 +168,8 @@ def _make_guide(cfg: RunConfig, model: BlobModel):
 
 # what a post-hoc run (from_run) may set for itself: where and how it predicts, never what was trained
 _FROM_RUN_FREE = {"method", "preset", "from_run", "data_dir", "eval_limit", "device", "bf16", "gradient_checkpointing",
-                  "compile", "trust_remote_code", "checkpoint_every"} | {f.name for f in dataclasses.fields(PredictConfig)}
+                  "compile", "compile_cpp_wrapper", "trust_remote_code", "checkpoint_every"} | {
+                      f.name for f in dataclasses.fields(PredictConfig)}
 
 
 def from_run_config(settings: dict) -> RunConfig:

@@ -109,18 +109,22 @@ def test_overhead_section_measures_every_configuration_including_the_paper_prese
     over = data["overhead"]
     assert (over["batch"], over["seq_len"]) == (1, 16)
     eager = {"lora_torch", "mle", "blob", "blob_seq", "paper", "blob_torch"}
-    assert set(over["median_ms"]) == eager | {"lora_compiled", "mle_compiled", "blob_compiled"}
+    assert set(over["median_ms"]) == eager | {"lora_compiled", "mle_compiled", "blob_compiled", "blob_compiled_cpp"}
     assert all(v > 0 for v in over["median_ms"].values())
     ops = over["ops_per_step"]
     assert set(ops) == eager  # a compiled kernel is no aten operator: the compiled ones are timed, not counted
-    # blob's densities in one pass put it below its plain-PyTorch twin, which computes them per site
-    assert ops["blob"]["ops"] > ops["mle"]["ops"] > ops["lora_torch"]["ops"] > 100
+    # blob's densities in one pass put it below its plain-PyTorch twin, which computes them per site; mle dispatches
+    # about what plain LoRA does (its multi-tensor AdamW against LoRA's per-tensor loop: 951 against 955 on MiniLM)
+    assert ops["blob"]["ops"] > ops["mle"]["ops"] > 100 and ops["lora_torch"]["ops"] > 100
+    assert abs(ops["mle"]["ops"] - ops["lora_torch"]["ops"]) < 0.2 * ops["lora_torch"]["ops"]
     assert ops["blob_torch"]["ops"] > ops["lora_torch"]["ops"]
-    assert set(over["compiled_over_lora_ms"]) == set(over["compiled_over_lora_compiled_ms"]) == {"mle", "blob"}
+    assert set(over["compiled_over_lora_ms"]) == {"mle", "blob", "blob_cpp"}
+    assert set(over["compiled_over_lora_compiled_ms"]) == {"mle", "blob"}
     assert over["compiled_ratio"]["blob_compiled/lora_torch"] > 0
     md = (tmp_path / "perf-cpu-quick.md").read_text()
     assert "**Fixed per-step cost**" in md and "paper preset" in md and "**Operators per step**" in md
     assert "**Compiled network**" in md and "blob compiled / LoRA (PyTorch)" in md
+    assert "With Inductor's C++ wrapper (`compile_cpp_wrapper=true`): blob " in md
 
 
 def test_fused_densities_script_times_both_paths():

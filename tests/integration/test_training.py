@@ -140,6 +140,9 @@ def test_compiled_network_trains_and_predicts_the_tiny_llama_as_eager(tiny_llama
         out[compiled] = [r["loss"] for r in log], probs
     calls = run.model.compiled.calls
     assert calls["compiled"] >= 12 and calls["eager"] >= 1  # a shape's first call counts its signs eagerly
+    assert "cpp_wrapper" not in run.model.compiled.compile_kwargs["options"]
+    wrapped = build(_tiny_cfg(tiny_llama_dir, data_dir=str(data_dir), compile=True, compile_cpp_wrapper=True))
+    assert wrapped.model.compiled.compile_kwargs["options"]["cpp_wrapper"] is True  # built, not run: compiles lazily
     assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
     torch.testing.assert_close(torch.tensor(out[True][0]), torch.tensor(out[False][0]), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-5, atol=1e-6)

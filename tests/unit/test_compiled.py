@@ -35,10 +35,11 @@ def _counted(fn, calls: list):
     return counted
 
 
-def _train(compiled: bool, *, factor="B", flipout_per="token", guide="blob", lora_dropout=0.0, steps=5, n=16):
+def _train(compiled: bool, *, factor="B", flipout_per="token", guide="blob", lora_dropout=0.0, steps=5, n=16,
+           **compile_kwargs):
     pyro.clear_param_store()
     model = tiny_model(factor, num_data=n, flipout=flipout_per, lora_dropout=lora_dropout)
-    net = model.compile_network() if compiled else None
+    net = model.compile_network(**compile_kwargs) if compiled else None
     if net is not None:  # the ELBO step takes the latent densities and the logged KL from the compiled kernels
         net.kernel_calls = {"log_densities": [], "kl_sums": []}
         for name, calls in net.kernel_calls.items():
@@ -115,6 +116,17 @@ def test_compiled_density_and_kl_kernels_compute_the_eager_numbers_and_gradients
         torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-12)
     for eager, compiled in zip(out["eager"][3], out["compiled"][3]):
         torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-7)  # float32 parameters' gradients
+
+
+def test_the_cpp_wrapper_computes_what_the_python_wrapper_computes():
+    """compile_cpp_wrapper: the same kernels called from C++ instead of Python: the same numbers, bit for bit."""
+    torch._dynamo.reset()
+    *_, py_losses, py_params = _train(True)
+    _, _, net, losses, params = _train(True, options={"cpp_wrapper": True})
+    assert net.compile_kwargs["options"] == {"fallback_random": True, "cpp_wrapper": True}
+    assert net.calls == {"eager": 1, "compiled": 4}
+    assert losses == py_losses
+    assert params.keys() == py_params.keys() and all(torch.equal(params[k], py_params[k]) for k in params)
 
 
 def test_the_elbo_step_of_a_compiled_network_takes_fused_adamw():

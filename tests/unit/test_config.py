@@ -105,6 +105,7 @@ def test_a_configuration_must_be_a_mapping():
     ({"compile": True, "gradient_checkpointing": True}, "compile and gradient_checkpointing exclude each other"),
     ({"compile": True, "load_in_8bit": True}, "compile is not supported with load_in_8bit/load_in_4bit"),
     ({"compile": "yes"}, "compile must be of type bool"),
+    ({"compile_cpp_wrapper": True}, "compile_cpp_wrapper sets how compile=true compiles; set compile=true"),
     ({"method": "blob", "from_run": "runs/map"}, "method=blob trains its own (drop from_run)"),
     ({"kl_cycle": 0}, "kl_cycle must be >= 1"),
     ({"kl_cycle": 25, "kl_schedule": "standard"}, "kl_cycle sets the cycle of kl_schedule=blob"),
