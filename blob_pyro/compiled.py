@@ -9,8 +9,7 @@ At small sizes a step's cost is the number of operators it dispatches more than 
 ``benchmarks/results/perf.md``): the network's forward and backward are most of them, and a compiled graph fuses
 them. The ELBO's one-pass float64 densities of the latent sites and their closed-form KL
 (:func:`~blob_pyro.poutine.float64.normal_log_densities`: elementwise over every entry of every factor, and their
-backward) run as a second, small graph; the logged KL of a step without them (a run's validated first step,
-:func:`~blob_pyro.poutine.float64.normal_kl_sums`) as a third. The ELBO step then takes torch's fused AdamW (one
+backward) run as a second, small graph, whose KL the step logs. The ELBO step then takes torch's fused AdamW (one
 kernel for all parameters; it rounds differently from the eager CPU step's multi-tensor kernels, as on CUDA).
 Pyro's traces, the guide's draws and the priors stay outside the graphs, as do the Flipout handler and its random
 draws: before the graph runs, the mean of every bound draw is looked up in the handler and the sign bits of the
@@ -35,7 +34,7 @@ import torch
 from .errors import ModelError
 from .lora import ADAPTER
 from .poutine.flipout import SignPool, active_flipout
-from .poutine.float64 import normal_kl_sums, normal_log_densities
+from .poutine.float64 import normal_log_densities
 
 __all__ = ["CompiledNetwork"]
 
@@ -69,9 +68,9 @@ class CompiledNetwork:
         self.calls = {"eager": 0, "compiled": 0}
         self._no_signs = SignPool(torch.empty(0, dtype=torch.uint8), "token")  # no Flipout: nothing is drawn
         self._graph = torch.compile(self._logits, **compile_kwargs)
-        # what the ELBO step hands fill_normal_densities and normal_site_kls for this model (blob_pyro.infer)
+        # what the ELBO step hands fill_normal_densities for this model (blob_pyro.infer); the one step without it (a
+        # run's validated first) logs its KL eagerly rather than compile a graph for one call
         self.log_densities = torch.compile(normal_log_densities, **compile_kwargs)
-        self.kl_sums = torch.compile(normal_kl_sums, **compile_kwargs)
 
     def _logits(self, batch: dict) -> torch.Tensor:
         return self.model.head.logits(self.model.network, batch)

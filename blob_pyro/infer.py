@@ -152,7 +152,7 @@ class KeepTraceMeanField_ELBO(_KeepTraces, TraceMeanField_ELBO):
 ELBOS = {"trace": KeepTrace_ELBO, "meanfield": KeepTraceMeanField_ELBO}
 
 
-def kl_terms(model_sites: dict, guide_sites: dict, normal_kernel=None) -> torch.Tensor:
+def kl_terms(model_sites: dict, guide_sites: dict) -> torch.Tensor:
     """KL(q‖p) summed over latent sites (unscaled): closed form where known, else the one-draw MC estimate.
 
     ``*_sites`` map names to trace nodes or messages. For a point-estimate (``Delta``) site the MC term is
@@ -162,12 +162,10 @@ def kl_terms(model_sites: dict, guide_sites: dict, normal_kernel=None) -> torch.
     term is the one-draw estimate log q(u) + log δ − log p(θ) of its KL, as in the ELBO. The MC term reuses
     the trace nodes' ``unscaled_log_prob`` where both have one (the same densities of the same draw). Normal sites
     (guide and prior) and point estimates under a Normal prior whose density the model trace lacks (``mle``'s zero
-    weight) are computed in one pass each (:mod:`blob_pyro.poutine.float64`): the per-site numbers, bit for bit
-    (``normal_kernel``: a compiled copy of :func:`~blob_pyro.poutine.float64.normal_kl_sums` for the Normal sites,
-    to float64 rounding).
+    weight) are computed in one pass each (:mod:`blob_pyro.poutine.float64`): the per-site numbers, bit for bit.
     """
     total = 0.0
-    normal = normal_site_kls(model_sites, guide_sites, normal_kernel)  # Normal guide and prior: all in one pass
+    normal = normal_site_kls(model_sites, guide_sites)  # Normal guide and prior: all those sites in one pass
     normal.update(point_estimate_kls(model_sites, guide_sites))  # mle's points (no prior density in its trace): the same
     for name, site in guide_sites.items():
         if site["type"] != "sample" or site["is_observed"]:
@@ -276,8 +274,7 @@ class ElboStep:
             loss = self.elbo.loss_and_grads(self.model, self.guide, batch)
             model_trace, guide_trace = self.elbo.traces
             with torch.no_grad():  # read before the optimiser moves the parameters the sites refer to
-                kl = kl_terms(model_trace.nodes, guide_trace.nodes,
-                              getattr(getattr(self.model, "compiled", None), "kl_sums", None))
+                kl = kl_terms(model_trace.nodes, guide_trace.nodes)
                 nll = _nll(model_trace.nodes["obs"])
                 # one transfer for the three numbers the log keeps (each float64 conversion is exact)
                 loss, nll, kl = torch.stack([torch.as_tensor(loss, dtype=torch.float64, device=nll.device),

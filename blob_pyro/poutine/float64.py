@@ -180,18 +180,30 @@ def _normal_of(site) -> dist.Normal | None:
     return ind.base_dist
 
 
-def _normal_pairs(model_sites: dict, guide_sites: dict) -> list[tuple]:
-    """(name, guide site, model site, q, float64 copy of p) for every latent site whose guide and prior are both a
-    :class:`Float64Density` over a float32 Normal with the whole value as its event."""
+def _latent_pairs(model_sites: dict, guide_sites: dict, guide_of) -> list[tuple]:
+    """(name, guide site, model site, q, float64 copy of p) for every latent site whose guide distribution
+    ``guide_of(site)`` finds (q; None where it does not) and whose prior is a :class:`Float64Density` over a Normal
+    with the whole value as its event."""
     pairs = []
     for name, g in guide_sites.items():
         m = model_sites.get(name)
         if g["type"] != "sample" or g["is_observed"] or m is None or m["type"] != "sample":
             continue
-        q, p = _normal_of(g), _normal_of(m)
-        if q is not None and p is not None and q.loc.dtype != torch.float64:
+        q, p = guide_of(g), _normal_of(m)
+        if q is not None and p is not None:
             pairs.append((name, g, m, q, float64_copy(p)))
     return pairs
+
+
+def _normal_pairs(model_sites: dict, guide_sites: dict) -> list[tuple]:
+    """:func:`_latent_pairs` of the sites whose guide, too, is a :class:`Float64Density` over a float32 Normal with the
+    whole value as its event."""
+    return _latent_pairs(model_sites, guide_sites, _float32_normal_of)
+
+
+def _float32_normal_of(site) -> dist.Normal | None:
+    q = _normal_of(site)
+    return q if q is not None and q.loc.dtype != torch.float64 else None
 
 
 def fill_normal_densities(model_trace, guide_trace, kernel=None) -> int:
@@ -278,15 +290,12 @@ def _scaled(unscaled: torch.Tensor, scales: list) -> list[torch.Tensor]:
     return [scale_and_mask(u, c) for u, c in zip(unscaled.unbind(), scales)]
 
 
-def normal_site_kls(model_sites: dict, guide_sites: dict, kernel=None) -> dict[str, torch.Tensor]:
+def normal_site_kls(model_sites: dict, guide_sites: dict) -> dict[str, torch.Tensor]:
     """KL(q‖p) in float64, summed over each site's entries, of every latent site whose guide and prior are both a
     :class:`Float64Density` over a Normal with the whole value as its event (``*_sites``: name -> trace node or
     message), in one pass over all of them: ``{name: kl}``, each the number ``kl_divergence`` gives for that site
     (:func:`normal_kl_sums`). Other sites are not in the result. Where :func:`fill_normal_densities` filled the traces,
     the KLs it recorded (``closed_form_kl``) are returned: the same numbers, not computed again.
-
-    :param kernel: what computes the sums, with :func:`normal_kl_sums`'s arguments and result (default: that
-        function; a compiled network passes its compiled copy of it, :mod:`blob_pyro.compiled`).
     """
     pairs = _normal_pairs(model_sites, guide_sites)
     if not pairs:
@@ -294,8 +303,8 @@ def normal_site_kls(model_sites: dict, guide_sites: dict, kernel=None) -> dict[s
     if all("closed_form_kl" in g for _, g, *_ in pairs):
         return {name: g["closed_form_kl"] for name, g, *_ in pairs}
     qs, ps = [q for *_, q, _ in pairs], [p for *_, p in pairs]
-    sums = (kernel or normal_kl_sums)([q.loc for q in qs], [q.scale for q in qs], _flat([p.loc for p in ps]),
-                                      _flat([p.scale for p in ps]), tuple(q.loc.numel() for q in qs))
+    sums = normal_kl_sums([q.loc for q in qs], [q.scale for q in qs], _flat([p.loc for p in ps]),
+                          _flat([p.scale for p in ps]), tuple(q.loc.numel() for q in qs))
     return {name: total for (name, *_), total in zip(pairs, sums.unbind())}
 
 
@@ -341,15 +350,8 @@ def point_estimate_kls(model_sites: dict, guide_sites: dict) -> dict[str, torch.
     ``{name: −log p(v)}``, each the number Pyro's Delta KL gives (torch's ``Normal.log_prob``, elementwise, then the
     site's own sum). A site whose model trace holds its prior density is left out: the caller reads that off.
     """
-    pairs = []
-    for name, g in guide_sites.items():
-        m = model_sites.get(name)
-        if (g["type"] != "sample" or g["is_observed"] or m is None or m["type"] != "sample"
-                or "unscaled_log_prob" in m):
-            continue
-        q, p = _delta_of(g), _normal_of(m)
-        if q is not None and p is not None and p.loc.dtype != torch.float64:
-            pairs.append((name, q, float64_copy(p)))
+    pairs = [(name, q, p) for name, _, m, q, p in _latent_pairs(model_sites, guide_sites, _delta_of)
+             if "unscaled_log_prob" not in m]
     if not pairs:
         return {}
     p_loc, p_scale = _flat([p.loc for *_, p in pairs]), _flat([p.scale for *_, p in pairs])

@@ -40,8 +40,8 @@ def _train(compiled: bool, *, factor="B", flipout_per="token", guide="blob", lor
     pyro.clear_param_store()
     model = tiny_model(factor, num_data=n, flipout=flipout_per, lora_dropout=lora_dropout)
     net = model.compile_network(**compile_kwargs) if compiled else None
-    if net is not None:  # the ELBO step takes the latent densities and the logged KL from the compiled kernels
-        net.kernel_calls = {"log_densities": [], "kl_sums": []}
+    if net is not None:  # the ELBO step takes the latent densities and the logged KL from the compiled kernel
+        net.kernel_calls = {"log_densities": []}
         for name, calls in net.kernel_calls.items():
             setattr(net, name, _counted(getattr(net, name), calls))
     g = make_guide(guide, model)
@@ -63,11 +63,11 @@ def test_training_compiled_matches_eager(factor, per, dropout):
     graphs = _graphs()
     model, _, net, losses, params = _train(True, factor=factor, flipout_per=per, lora_dropout=dropout)
     # the first call of the batch shape ran eagerly and counted its signs; every later step ran one graph; the
-    # densities of the unvalidated steps (all but the first) another, which also gives their logged KL: the
-    # validated first step's KL took the third
+    # densities of the unvalidated steps (all but the first) another, which also gives their logged KL (the
+    # validated first step logs its KL eagerly)
     assert net.calls == {"eager": 1, "compiled": 4}
-    assert {k: len(v) for k, v in net.kernel_calls.items()} == {"log_densities": 4, "kl_sums": 1}
-    assert _graphs() - graphs == 3
+    assert {k: len(v) for k, v in net.kernel_calls.items()} == {"log_densities": 4}
+    assert _graphs() - graphs == 2
     (nbytes,) = net.sign_bytes.values()
     per_token = {"token": 4 * 3, "sequence": 4}[per]  # signs per input row: B x T tokens or B sequences
     widths = {"A": [(6, 2), (8, 2)], "B": [(2, 8), (2, 8)], "both": [(6, 2), (2, 8), (8, 2), (2, 8)]}[factor]
@@ -79,8 +79,8 @@ def test_training_compiled_matches_eager(factor, per, dropout):
         torch.testing.assert_close(params[name], eager_params[name], rtol=1e-5, atol=1e-6)
 
 
-def test_compiled_density_and_kl_kernels_compute_the_eager_numbers_and_gradients():
-    """The latent sites' float64 densities and closed-form KL as compiled graphs: Inductor's fused loops may sum in
+def test_compiled_density_kernel_computes_the_eager_numbers_and_gradients():
+    """The latent sites' float64 densities and closed-form KL as a compiled graph: Inductor's fused loops may sum in
     another order, so the numbers and gradients agree to float64 rounding, not bit for bit."""
     from blob_pyro.poutine.float64 import normal_kl_sums, normal_log_densities
 
@@ -100,15 +100,14 @@ def test_compiled_density_and_kl_kernels_compute_the_eager_numbers_and_gradients
         return locs, scales, values, p_loc, p_scale
 
     out = {}
-    for name, densities, kls in (("eager", normal_log_densities, normal_kl_sums),
-                                 ("compiled", net.log_densities, net.kl_sums)):
+    for name, densities in (("eager", normal_log_densities), ("compiled", net.log_densities)):
         locs, scales, values, p_loc, p_scale = inputs()
         log_q, log_p, kl = densities(values, p_loc, p_scale, locs, scales, sizes)
         assert log_q.shape == log_p.shape == kl.shape == (len(shapes),) and log_q.dtype == torch.float64
         assert not kl.requires_grad
         (log_q.sum() - 2 * log_p.sum()).backward()
         with torch.no_grad():
-            kl_alone = kls(locs, scales, p_loc, p_scale, sizes)
+            kl_alone = normal_kl_sums(locs, scales, p_loc, p_scale, sizes)  # what a step without the densities logs
         torch.testing.assert_close(kl, kl_alone, rtol=1e-12, atol=1e-12)
         out[name] = (log_q.detach(), log_p.detach(), kl, [t.grad for t in locs + scales])
     assert torch.equal(out["eager"][2], normal_kl_sums(*inputs()[:2], *inputs()[3:], sizes))  # eager: the same casts
